@@ -1,0 +1,178 @@
+"""The DenseCL builder: encoders, momentum, queues, regions, matching inside the model, MoCo v2 as lambda = 0."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from densecl.model import DenseCL
+
+
+def full_boxes(n, size):
+    return torch.tensor([0.0, 0.0, size, size]).expand(n, 2, 4).clone()
+
+
+def no_flips(n):
+    return torch.zeros(n, 2, dtype=torch.bool)
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(arch="resnet18", queue_len=16)
+    defaults.update(kwargs)
+    return DenseCL(**defaults)
+
+
+def test_heads_adapt_to_backbone_channels():
+    m18 = tiny()
+    assert m18.encoder_q.global_head.mlp[0].in_features == 512
+    assert m18.encoder_q.dense_head.convs[0].in_channels == 512
+    assert m18.encoder_q.global_head.mlp[2].out_features == 128
+    m50 = tiny(arch="resnet50")
+    assert m50.encoder_q.dense_head.convs[0].in_channels == 2048
+    assert m50.encoder_q.dense_head.convs[2].out_channels == 128
+
+
+def test_key_encoder_starts_as_copy_without_grad():
+    m = tiny()
+    for (name, pq), pk in zip(m.encoder_q.named_parameters(), m.encoder_k.parameters(), strict=True):
+        assert torch.equal(pq, pk), name
+        assert not pk.requires_grad
+
+
+def test_momentum_formula():
+    m = tiny(momentum=0.9)
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    before_q = [p.detach().clone() for p in m.encoder_q.parameters()]
+    before_k = [p.detach().clone() for p in m.encoder_k.parameters()]
+    m.momentum_update()
+    for q, k, new in zip(before_q, before_k, m.encoder_k.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.9 * k + 0.1 * q)
+
+
+def test_no_gradient_reaches_key_encoder_and_queues():
+    m = tiny()
+    x = torch.randn(4, 3, 64, 64)
+    out = m(x, torch.randn(4, 3, 64, 64), full_boxes(4, 64), no_flips(4))
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.encoder_k.parameters())
+    assert all(p.grad is not None for p in m.encoder_q.parameters())
+    assert not m.queue_global.requires_grad and not m.queue_dense.requires_grad
+
+
+def test_queue_wraps_around():
+    m = tiny(queue_len=8)
+    keys = [F.normalize(torch.randn(4, 128), dim=1) for _ in range(3)]
+    for k in keys:
+        m._enqueue(m.queue_global, m.queue_global_ptr, k)
+    # 3 batches of 4 into a queue of 8: the third overwrote the first
+    assert int(m.queue_global_ptr) == 4
+    torch.testing.assert_close(m.queue_global[:, :4], keys[2].T)
+    torch.testing.assert_close(m.queue_global[:, 4:], keys[1].T)
+
+
+def test_queue_length_must_be_divisible_by_batch():
+    m = tiny(queue_len=10)
+    with pytest.raises(ValueError, match="queue_len=10 is not divisible by the global batch 4"):
+        m._enqueue(m.queue_global, m.queue_global_ptr, torch.randn(4, 128))
+
+
+def test_queues_receive_normalised_keys_and_pooled_dense_vectors():
+    m = tiny()
+    im_q, im_k = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    m(im_q, im_k, full_boxes(4, 64), no_flips(4))
+    # recompute the keys with the (already updated) key encoder: train-mode BN uses batch statistics
+    with torch.no_grad():
+        k, _, k_dense = m.encoder_k(im_k)
+    torch.testing.assert_close(m.queue_global[:, :4], F.normalize(k, dim=1).T)
+    expected = F.normalize(k_dense.mean(dim=(2, 3)), dim=1)  # pooled first, then normalised
+    torch.testing.assert_close(m.queue_dense[:, :4], expected.T)
+    torch.testing.assert_close(m.queue_dense[:, :4].norm(dim=0), torch.ones(4))
+    assert int(m.queue_global_ptr) == 4 and int(m.queue_dense_ptr) == 4
+
+
+def test_lambda_zero_is_moco_v2_infonce():
+    m = tiny(loss_lambda=0.0)
+    assert m.encoder_q.dense_head is None and not hasattr(m, "queue_dense")
+    im_q, im_k = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    queue = m.queue_global.clone()
+    out = m(im_q, im_k)
+    with torch.no_grad():
+        q = F.normalize(m.encoder_q(im_q)[0], dim=1)
+        k = F.normalize(m.encoder_k(im_k)[0], dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / 0.2
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    assert "loss_dense" not in out
+
+
+def test_total_loss_mixes_global_and_dense():
+    m = tiny(loss_lambda=0.3)
+    out = m(torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64), full_boxes(4, 64), no_flips(4))
+    torch.testing.assert_close(out["loss"].detach(), 0.7 * out["loss_global"] + 0.3 * out["loss_dense"])
+    out = m(torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64), full_boxes(4, 64), no_flips(4), loss_lambda=0.0)
+    torch.testing.assert_close(out["loss"].detach(), out["loss_global"])
+
+
+@pytest.mark.parametrize("size", [96, 160])
+@pytest.mark.parametrize("s", [1, 3, 5, 7, 9])
+def test_any_number_of_regions_at_any_input_size(s, size):
+    m = tiny(num_regions=s, matching="geometric")
+    x = torch.randn(2, 3, size, size)
+    out = m(x, x, full_boxes(2, size), no_flips(2))
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_dense"])
+    assert m.extract_dense(x).shape == (2, 512, s, s)
+    assert out["corr_acc"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("matching", ["backbone", "projection"])
+@pytest.mark.parametrize("s", [1, 3, 5])
+def test_argmax_matching_on_identical_views_is_identity(matching, s):
+    # 160 px -> 5x5 native grid, so every S <= 5 pools distinct cells (no ties)
+    m = tiny(num_regions=s, matching=matching)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        _, grid, dense = m.encoder_q(x)
+    chosen = m._match(grid, grid, dense, dense, None, None, s)
+    assert torch.equal(chosen, torch.arange(s * s).expand(2, -1))
+    out = m(x, x, full_boxes(2, 160), no_flips(2))
+    assert out["corr_acc"].item() == pytest.approx(1.0)
+
+
+def test_geometric_matching_needs_boxes():
+    m = tiny(matching="geometric")
+    with pytest.raises(ValueError, match="geometric"):
+        m(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(matching="nearest"), "matching='nearest': expected one of backbone, projection, random, geometric"),
+        (dict(loss_lambda=1.5), r"loss_lambda=1.5: expected a value in \[0, 1\]"),
+        (dict(num_regions=0), "num_regions=0"),
+        (dict(num_regions=17), "num_regions=17"),
+        (dict(arch="resnet7"), "resnet7"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_backbone_keys_are_torchvision_keys():
+    m = tiny()
+    ours = {k[len("encoder_q.backbone."):] for k in m.state_dict() if k.startswith("encoder_q.backbone.")}
+    theirs = {k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")}
+    assert ours == theirs
+
+
+def test_init_is_kaiming_fan_in():
+    m = tiny(arch="resnet50")
+    conv = m.encoder_q.backbone.layer4[0].conv2.weight  # 512 -> 512, 3x3: fan_in = 4608
+    assert conv.std().item() == pytest.approx((2.0 / 4608) ** 0.5, rel=0.05)
+    lin = m.encoder_q.global_head.mlp[0]
+    assert lin.weight.std().item() == pytest.approx((2.0 / 2048) ** 0.5, rel=0.05)
+    assert torch.count_nonzero(lin.bias) == 0

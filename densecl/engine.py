@@ -131,8 +131,12 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+SAMPLE_STREAM, ORDER_STREAM = 0, 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (stream id, seed, epoch, index...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class SeededViews(Dataset):
@@ -148,7 +152,7 @@ class SeededViews(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(derive_seed(SAMPLE_STREAM, self.seed, epoch, index))
             return self.base[index]
 
 
@@ -172,7 +176,7 @@ class ResumableSampler(Sampler):
         self.steps_per_epoch = num_samples // self.global_batch
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+        gen = torch.Generator().manual_seed(derive_seed(ORDER_STREAM, self.seed, epoch))
         return torch.randperm(self.num_samples, generator=gen)
 
     def __len__(self) -> int:
@@ -251,6 +255,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but CUDA is not available on this machine")
     return device
+
+
+def check_sync_bn(sync_bn: bool, world_size: int, device: torch.device) -> None:
+    if sync_bn and world_size > 1 and device.type != "cuda":
+        raise ValueError(
+            f"sync_bn=True needs CUDA devices (torch's SyncBatchNorm is GPU-only; this run is on {device.type}): "
+            "use the default shuffle_bn=True on CPU"
+        )
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -368,6 +380,7 @@ def pretrain(
 
 def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult:
     cfg.validate(env.world_size)
+    check_sync_bn(cfg.sync_bn, env.world_size, device)
     warn_if_cpu_amp(cfg, device)
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank if torch.cuda.device_count() > 1 else 0)

@@ -1,0 +1,210 @@
+"""The pre-training engine: schedule, data order, checkpoints, exact resume, export, errors."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from densecl.engine import (
+    CHECKPOINT_NAME,
+    DataConfig,
+    NonFiniteLossError,
+    PretrainConfig,
+    ResumableSampler,
+    load_checkpoint,
+    load_trained_model,
+    lr_factor,
+    pretrain,
+    scaled_lr,
+)
+from densecl.export import load_backbone_weights
+from densecl.model import DenseCL
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    values = dict(
+        arch="resnet18",
+        crop_size=64,
+        batch_size=4,
+        queue_len=16,
+        data=DataConfig(kind="synthetic", num_images=16, image_size=64, seed=0),
+        iters=6,
+        epochs=None,
+        ckpt_every=2,
+        log_every=1,
+        num_workers=0,
+        deterministic=True,
+        progress=False,
+        device="cpu",
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def test_lr_scales_with_total_batch_and_follows_cosine():
+    cfg = tiny_config(base_lr=0.03, batch_size=32)
+    assert scaled_lr(cfg, world_size=8) == pytest.approx(0.03)
+    assert scaled_lr(cfg, world_size=1) == pytest.approx(0.03 / 8)
+    assert lr_factor(0, 100, 0) == pytest.approx(1.0)
+    assert lr_factor(50, 100, 0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0) == pytest.approx(0.0)
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_order():
+    full = list(ResumableSampler(10, 2, 0, 1, seed=3, start_step=0, total_steps=12))
+    tail = list(ResumableSampler(10, 2, 0, 1, seed=3, start_step=7, total_steps=12))
+    assert full[7 * 2 :] == tail
+    # 5 steps per epoch: each epoch is a permutation of all 10 indices, different across epochs
+    epoch0 = [i for e, i in full if e == 0]
+    epoch1 = [i for e, i in full if e == 1]
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
+
+
+def test_sampler_splits_global_batches_between_ranks():
+    ranks = [list(ResumableSampler(12, 3, r, 2, seed=0, start_step=0, total_steps=2)) for r in range(2)]
+    assert set(ranks[0]).isdisjoint(ranks[1])
+    assert len(ranks[0]) == len(ranks[1]) == 6
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    reference = pretrain(tiny_config(), tmp_path / "straight")
+    assert reference.completed and reference.iterations == 6
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_five(step, metrics):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(tiny_config(), tmp_path / "resumed", on_step=crash_at_five)
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["step"] == 4
+    resumed = pretrain(tiny_config(), tmp_path / "resumed")
+    assert resumed.iterations == 6
+
+    a = load_checkpoint(reference.checkpoint_path)
+    b = load_checkpoint(resumed.checkpoint_path)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    timing = "images_per_sec"
+    assert {k: v for k, v in a["metrics"].items() if k != timing} == {
+        k: v for k, v in b["metrics"].items() if k != timing
+    }
+    assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+def test_should_stop_checkpoints_and_a_rerun_finishes(tmp_path):
+    stops = iter([False, False, True])
+    result = pretrain(tiny_config(iters=8, ckpt_every=100), tmp_path, should_stop=lambda: next(stops, False))
+    assert not result.completed and result.iterations == 3
+    assert load_checkpoint(result.checkpoint_path)["step"] == 3
+    assert not result.backbone_path.exists()
+    result = pretrain(tiny_config(iters=8, ckpt_every=100), tmp_path)
+    assert result.completed and result.iterations == 8 and result.backbone_path.exists()
+
+
+def test_rerun_of_a_finished_run_does_no_work(tmp_path):
+    first = pretrain(tiny_config(iters=2), tmp_path)
+    mtime = first.checkpoint_path.stat().st_mtime_ns
+    calls = []
+    again = pretrain(tiny_config(iters=2), tmp_path, on_step=lambda s, m: calls.append(s))
+    assert calls == [] and again.iterations == 2 and again.metrics == first.metrics
+    assert first.checkpoint_path.stat().st_mtime_ns == mtime
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    pretrain(tiny_config(iters=2), tmp_path)
+    with pytest.raises(ValueError, match="matching: checkpoint 'backbone' vs now 'random'"):
+        pretrain(tiny_config(iters=2, matching="random"), tmp_path)
+
+
+def test_length_in_epochs(tmp_path):
+    steps = []
+    result = pretrain(tiny_config(iters=None, epochs=2), tmp_path, on_step=lambda s, m: steps.append(s))
+    assert result.iterations == 8 and steps == list(range(1, 9))  # 16 images / batch 4 = 4 per epoch
+
+
+def test_metrics_callback_reports_the_promised_keys(tmp_path):
+    seen = []
+    pretrain(tiny_config(iters=2, lambda_warmup_iters=1), tmp_path, on_step=lambda s, m: seen.append((s, m)))
+    keys = {"loss", "loss_global", "loss_dense", "lr", "lambda", "images_per_sec", "corr_acc"}
+    assert [s for s, _ in seen] == [1, 2]
+    for _, m in seen:
+        assert keys <= m.keys() and all(math.isfinite(v) for v in m.values())
+        assert 0.0 <= m["corr_acc"] <= 1.0
+    assert seen[0][1]["lambda"] == 0.0 and seen[1][1]["lambda"] == 0.5  # warm-up: lambda = 0 first
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    original = DenseCL.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DenseCL, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at iteration 3.*last good checkpoint"):
+        pretrain(tiny_config(), tmp_path)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_queue_not_divisible_by_global_batch_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="queue_len=18 is not divisible by the global batch 4"):
+        pretrain(tiny_config(queue_len=18), tmp_path)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_data_set_smaller_than_a_batch_is_an_error(tmp_path):
+    cfg = tiny_config(data=DataConfig(kind="synthetic", num_images=3, image_size=64))
+    with pytest.raises(ValueError, match="3 images, fewer than one global batch of 4"):
+        pretrain(cfg, tmp_path)
+
+
+def test_exported_backbone_loads_into_torchvision_strictly(tmp_path):
+    result = pretrain(tiny_config(iters=2), tmp_path)
+    weights, arch = load_backbone_weights(result.backbone_path)
+    assert arch == "resnet18"
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(weights, strict=True)
+    model, cfg = load_trained_model(result.checkpoint_path)
+    assert cfg.arch == "resnet18"
+    for key, value in model.encoder_q.backbone.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+    # the same weights are reachable from the training checkpoint itself
+    from_ckpt, _ = load_backbone_weights(result.checkpoint_path)
+    assert all(torch.equal(from_ckpt[k], weights[k]) for k in weights)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown pre-training config keys \['lamda'\]"):
+        PretrainConfig.from_dict({"lamda": 0.5})
+    cfg = PretrainConfig.from_dict({"arch": "resnet18", "data": {"kind": "synthetic", "num_images": 8}})
+    assert cfg.data.num_images == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(iters=None, epochs=None), "exactly one of iters / epochs"),
+        (dict(amp="fp8"), "amp='fp8'"),
+        (dict(data=DataConfig(kind="lmdb")), "data.kind='lmdb'"),
+        (dict(batch_size=0), "batch_size=0"),
+    ],
+)
+def test_invalid_config_messages(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides).validate()

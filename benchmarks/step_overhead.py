@@ -12,8 +12,7 @@ import time
 
 import torch
 
-from densecl.engine import build_model, build_optimizer, train_step
-from densecl.engine import PretrainConfig
+from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step
 
 
 def main() -> None:

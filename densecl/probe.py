@@ -1,0 +1,151 @@
+"""Frozen-backbone dense linear probe: a 1x1 classifier on frozen features, scored by mIoU.
+
+Cheap (features are computed once) and sensitive to how much per-location class information the
+pre-trained features hold, which is exactly what dense pre-training claims to improve. It runs on the
+built-in synthetic scenes (semantic masks come with the generator, no disk set needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import functional as TF
+
+from densecl.backbone import ARCHS, ResNetTrunk
+from densecl.export import load_backbone_weights
+from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
+from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+LAYERS = ("c3", "c4", "c5")
+
+
+@dataclass
+class LinearProbeConfig:
+    arch: str = "resnet18"
+    layer: str = "c5"  # which stage's features the classifier sees
+    image_size: int = 160  # synthetic scene side (labels at this resolution)
+    input_size: int = 320  # images are resized to this before the backbone: C5 is then a 10x10 grid
+    num_train: int = 512
+    num_val: int = 128
+    data_seed: int = 0  # scene seed: train scenes 0.., val scenes from VAL_INDEX_OFFSET
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"probe.arch={self.arch!r}: expected one of {', '.join(ARCHS)}")
+        if self.layer not in LAYERS:
+            raise ValueError(f"probe.layer={self.layer!r}: expected one of {', '.join(LAYERS)}")
+        for name in ("image_size", "input_size", "num_train", "num_val", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"probe.{name}={getattr(self, name)}: expected a positive integer")
+
+
+def load_frozen_backbone(arch: str, weights: str | os.PathLike | None) -> ResNetTrunk:
+    """A ResNet trunk with the given weights loaded strictly (None keeps the random init)."""
+    trunk = ResNetTrunk(arch)
+    if weights is not None:
+        state, saved_arch = load_backbone_weights(weights)
+        if saved_arch is not None and saved_arch != arch:
+            raise ValueError(f"{weights} holds a {saved_arch} backbone but the probe was asked for {arch}")
+        trunk.load_state_dict(state, strict=True)
+    trunk.eval()
+    for p in trunk.parameters():
+        p.requires_grad = False
+    return trunk
+
+
+def scenes(cfg: LinearProbeConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images normalised at input_size (N, 3, H, W), semantic labels at image_size (N, h, w))."""
+    count, offset = (cfg.num_train, 0) if split == "train" else (cfg.num_val, VAL_INDEX_OFFSET)
+    images, labels = [], []
+    for i in range(count):
+        scene = generate_scene(cfg.data_seed, offset + i, cfg.image_size)
+        image = TF.to_tensor(scene.image.resize((cfg.input_size, cfg.input_size), resample=2))  # bilinear
+        images.append(TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD))
+        labels.append(torch.from_numpy(scene.semantic.astype(np.int64)))
+    return torch.stack(images), torch.stack(labels)
+
+
+@torch.no_grad()
+def extract(trunk: ResNetTrunk, images: torch.Tensor, layer: str, device: torch.device, batch: int = 32):
+    index = {"c3": 1, "c4": 2, "c5": 3}[layer]
+    trunk.to(device)
+    feats = [trunk.forward_features(images[i : i + batch].to(device))[index].float().cpu()
+             for i in range(0, len(images), batch)]
+    return torch.cat(feats)
+
+
+def train_classifier(feats, labels, num_classes, cfg: LinearProbeConfig, device) -> torch.nn.Conv2d:
+    torch.manual_seed(cfg.seed)
+    classifier = torch.nn.Conv2d(feats.shape[1], num_classes, 1).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, len(feats) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(feats), generator=gen)
+        for start in range(0, max(1, len(feats) - cfg.batch_size + 1), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            logits = classifier(feats[idx].to(device))
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return classifier
+
+
+@torch.no_grad()
+def predict(classifier, feats, size, device, batch: int = 64) -> torch.Tensor:
+    preds = []
+    for start in range(0, len(feats), batch):
+        logits = classifier(feats[start : start + batch].to(device))
+        preds.append(F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).cpu())
+    return torch.cat(preds)
+
+
+def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, output_dir) -> dict[str, float]:
+    """Train the probe on frozen features of `weights` (None: random init) and return mIoU, fwIoU, mAcc, pAcc.
+
+    Writes metrics.json into output_dir; a finished output_dir is read back instead of recomputed.
+    """
+    cfg.validate()
+    output_dir = Path(output_dir)
+    metrics_file = output_dir / "metrics.json"
+    if metrics_file.exists():
+        saved = json.loads(metrics_file.read_text())
+        if saved.get("config") == asdict(cfg) and saved.get("weights") == (str(weights) if weights else None):
+            return saved["metrics"]
+        raise ValueError(f"{metrics_file} holds results of another probe configuration; use a new output folder")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    trunk = load_frozen_backbone(cfg.arch, weights)
+    num_classes = len(CLASS_NAMES) + 1
+    train_images, train_labels = scenes(cfg, "train")
+    train_feats = extract(trunk, train_images, cfg.layer, device)
+    # per-channel standardisation from the training features: a BN without affine, as linear probes use
+    mean = train_feats.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_feats.std(dim=(0, 2, 3), keepdim=True) + 1e-6
+    classifier = train_classifier((train_feats - mean) / std, train_labels, num_classes, cfg, device)
+    val_images, val_labels = scenes(cfg, "val")
+    val_feats = (extract(trunk, val_images, cfg.layer, device) - mean) / std
+    preds = predict(classifier, val_feats, val_labels.shape[-2:], device)
+    metrics = segmentation_scores(confusion_matrix(preds.numpy(), val_labels.numpy(), num_classes))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"metrics": metrics, "config": asdict(cfg), "weights": str(weights) if weights else None}
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, metrics_file)
+    return metrics

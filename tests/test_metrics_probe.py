@@ -1,0 +1,77 @@
+"""Segmentation scores against a slow per-class loop, and the dense linear probe end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.probe import LinearProbeConfig, run_linear_probe
+
+
+def slow_scores(pred, target, num_classes, ignore=255):
+    keep = target != ignore
+    pred, target = pred[keep], target[keep]
+    ious, accs, freqs = [], [], []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (target == c))
+        fp = np.sum((pred == c) & (target != c))
+        fn = np.sum((pred != c) & (target == c))
+        if tp + fp + fn > 0:
+            ious.append((c, tp / (tp + fp + fn)))
+        if tp + fn > 0:
+            accs.append(tp / (tp + fn))
+        freqs.append((tp + fn) / target.size)
+    return {
+        "mIoU": 100 * np.mean([v for _, v in ious]),
+        "fwIoU": 100 * sum(freqs[c] * v for c, v in ious),
+        "mAcc": 100 * np.mean(accs),
+        "pAcc": 100 * np.mean(pred == target),
+    }
+
+
+def test_scores_match_slow_reference():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 5, size=(3, 20, 20))
+    target[0, :2] = 255
+    pred = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, 6, size=target.shape))
+    pred[target == 255] = 0
+    ours = segmentation_scores(confusion_matrix(pred, target, 6))
+    ref = slow_scores(pred, target, 6)
+    for key in ref:
+        assert ours[key] == pytest.approx(ref[key]), key
+
+
+def test_ground_truth_as_prediction_scores_100():
+    target = np.random.default_rng(1).integers(0, 4, size=(2, 8, 8))
+    scores = segmentation_scores(confusion_matrix(target, target, 4))
+    assert scores == {"mIoU": 100.0, "fwIoU": 100.0, "mAcc": 100.0, "pAcc": 100.0}
+
+
+def test_out_of_range_labels_are_errors():
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\)"):
+        confusion_matrix(np.zeros(4), np.array([0, 1, 7, 2]), 3)
+
+
+@pytest.mark.slow
+def test_linear_probe_runs_and_caches(tmp_path):
+    cfg = LinearProbeConfig(arch="resnet18", image_size=64, input_size=96, num_train=16, num_val=8, epochs=2,
+                            batch_size=8, device="cpu")
+    metrics = run_linear_probe(cfg, None, tmp_path)
+    assert set(metrics) == {"mIoU", "fwIoU", "mAcc", "pAcc"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"] == metrics
+    assert run_linear_probe(cfg, None, tmp_path) == metrics  # finished: read back, not recomputed
+    with pytest.raises(ValueError, match="another probe configuration"):
+        run_linear_probe(LinearProbeConfig(**{**cfg.__dict__, "epochs": 3}), None, tmp_path)
+
+
+def test_linear_probe_rejects_mismatched_weights(tmp_path):
+    from densecl.export import save_backbone
+    from densecl.probe import load_frozen_backbone
+
+    path = save_backbone({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "b.pth", "resnet50")
+    with pytest.raises(ValueError, match="holds a resnet50 backbone but the probe was asked for resnet18"):
+        load_frozen_backbone("resnet18", path)

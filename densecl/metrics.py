@@ -18,9 +18,10 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ign
     return np.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def segmentation_scores(conf: np.ndarray) -> dict[str, float]:
+def segmentation_scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, float]:
     """Percentages, as the segmentation literature reports them. Classes absent from both the ground
-    truth and the predictions are left out of the means (their IoU is undefined)."""
+    truth and the predictions are left out of the means (their IoU is undefined); with class names,
+    each defined per-class IoU is reported too, as `IoU-<name>`."""
     conf = np.asarray(conf, dtype=np.float64)
     true_per_class = conf.sum(axis=1)
     pred_per_class = conf.sum(axis=0)
@@ -34,9 +35,13 @@ def segmentation_scores(conf: np.ndarray) -> dict[str, float]:
     present = true_per_class > 0
     acc = np.divide(hits, true_per_class, out=np.zeros_like(hits), where=present)
     freq = true_per_class / total
-    return {
+    scores = {
         "mIoU": 100.0 * float(iou[valid_iou].mean()),
         "fwIoU": 100.0 * float((freq[valid_iou] * iou[valid_iou]).sum()),
         "mAcc": 100.0 * float(acc[present].mean()),
         "pAcc": 100.0 * float(hits.sum() / total),
     }
+    for k, name in enumerate(class_names or []):
+        if valid_iou[k]:
+            scores[f"IoU-{name}"] = 100.0 * float(iou[k])
+    return scores

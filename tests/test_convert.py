@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,8 +26,14 @@ def _randomised(arch: str) -> torch.nn.Module:
     return net.eval()
 
 
-def test_import_without_detectron2_is_cheap():
-    import densecl.transfer  # noqa: F401  (must not import detectron2)
+def test_transfer_modules_import_without_detectron2():
+    code = (
+        "import sys\n"
+        "import densecl.transfer, densecl.transfer.convert, densecl.transfer.data, densecl.transfer.detection\n"
+        "import densecl.transfer.segmentation, densecl.transfer.weights\n"
+        "assert not any(m.split('.')[0] == 'detectron2' for m in sys.modules), 'detectron2 was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_infer_arch_and_keys():
@@ -54,6 +62,7 @@ def test_missing_key_and_wrong_shape_are_errors(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.detectron2
 def test_round_trip_matches_torchvision(tmp_path, arch):
     pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
@@ -63,8 +72,9 @@ def test_round_trip_matches_torchvision(tmp_path, arch):
     from densecl.transfer.weights import load_pretrained
 
     net = _randomised(arch)
-    src = save_backbone({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")},
-                        tmp_path / "backbone.pth", arch)
+    src = save_backbone(
+        {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, tmp_path / "backbone.pth", arch
+    )
     dst = convert_to_detectron2(src, tmp_path / "backbone.pkl")
     data = read_converted(dst)
     assert data["matching_heuristics"] is True and data["arch"] == arch
@@ -72,7 +82,7 @@ def test_round_trip_matches_torchvision(tmp_path, arch):
         assert all(type(v).__module__ == "numpy" for v in pickle.load(f)["model"].values())
 
     cfg = get_cfg()
-    cfg.MODEL.RESNETS.DEPTH = int(arch[len("resnet"):])
+    cfg.MODEL.RESNETS.DEPTH = int(arch[len("resnet") :])
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if cfg.MODEL.RESNETS.DEPTH < 50 else 256
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "BN"
@@ -89,6 +99,7 @@ def test_round_trip_matches_torchvision(tmp_path, arch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.detectron2
 def test_partial_load_is_an_error(tmp_path):
     pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
@@ -98,8 +109,9 @@ def test_partial_load_is_an_error(tmp_path):
     from densecl.transfer.weights import load_pretrained
 
     net = _randomised("resnet18")
-    src = save_backbone({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")},
-                        tmp_path / "backbone.pth", "resnet18")
+    src = save_backbone(
+        {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, tmp_path / "backbone.pth", "resnet18"
+    )
     dst = convert_to_detectron2(src, tmp_path / "backbone.pkl")
     data = read_converted(dst)
     del data["model"]["res4.1.conv2.weight"]
@@ -113,3 +125,10 @@ def test_partial_load_is_an_error(tmp_path):
         load_pretrained(backbone, tmp_path / "partial.pkl", "resnet18")
     with pytest.raises(ValueError, match="resnet50"):
         load_pretrained(backbone, dst, "resnet50")
+
+
+def test_torchvision_imagenet_checkpoint_converts(tmp_path):
+    torch.save(models.resnet34(weights=None).state_dict(), tmp_path / "resnet34-imagenet.pth")  # with fc
+    data = read_converted(convert_to_detectron2(tmp_path / "resnet34-imagenet.pth", tmp_path / "r34.pkl"))
+    assert data["arch"] == "resnet34" and "res4.5.conv2.norm.running_mean" in data["model"]
+    assert not any(k.startswith("fc") for k in data["model"])

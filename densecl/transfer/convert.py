@@ -66,9 +66,7 @@ def reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         net = getattr(models, arch)(weights=None)
     return {
-        k: tuple(v.shape)
-        for k, v in net.state_dict().items()
-        if not k.startswith("fc.") and not k.endswith(_COUNTER)
+        k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("fc.") and not k.endswith(_COUNTER)
     }
 
 

@@ -3,7 +3,7 @@
 API:
     prepare_weights(weights: str | None, output_dir) -> str | None
         None (random init) stays None; a `.pkl` is used as is; anything `load_backbone_weights` accepts
-        (exported backbone, densecl checkpoint, torchvision ImageNet checkpoint) is converted once to
+        (exported backbone, densecl checkpoint, torchvision ImageNet checkpoint) is converted to
         `output_dir/pretrained_backbone.pkl`.
     load_pretrained(model, pkl_path, arch) -> None
         Loads with detectron2's name matching, then raises if any ResNet key (stem, res2..res5) of the model

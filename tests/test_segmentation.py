@@ -1,0 +1,137 @@
+"""Segmentation transfer: metrics, the dilated FCN, evaluator sanity and a tiny resumable run on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from densecl.transfer.segmentation import SegmentationConfig, semseg_metrics
+
+TINY = dict(
+    max_iter=4, ims_per_batch=2, crop_size=64, img_scale=(256, 64), warmup_iters=1, num_workers=0,
+    checkpoint_period=2, eval_period=2, device="cpu",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from densecl.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("seg") / "synthetic"
+    write_synthetic_dataset(root, num_train=4, num_val=2, image_size=64, seed=0)
+    return root
+
+
+def test_metrics_from_a_confusion_matrix():
+    perfect = semseg_metrics(np.diag([5, 3, 0]), ["a", "b", "c"])
+    assert perfect["mIoU"] == perfect["mAcc"] == perfect["pAcc"] == perfect["fwIoU"] == 100.0
+    assert "IoU-c" not in perfect  # absent from ground truth and prediction: undefined, not 0
+    confusion = np.array([[3, 1], [0, 4]])  # gt rows, prediction columns
+    m = semseg_metrics(confusion)
+    assert m["pAcc"] == pytest.approx(100 * 7 / 8)
+    assert m["mAcc"] == pytest.approx(100 * (3 / 4 + 1) / 2)
+    assert m["mIoU"] == pytest.approx(100 * (3 / 4 + 4 / 5) / 2)
+    assert m["fwIoU"] == pytest.approx(100 * (0.5 * 3 / 4 + 0.5 * 4 / 5))
+
+
+def test_presets_follow_the_protocol():
+    voc, city = SegmentationConfig.voc(), SegmentationConfig.cityscapes()
+    assert voc.names() == ("voc_2012_sem_seg_train_aug", "voc_2012_sem_seg_val")
+    assert (voc.crop_size, voc.max_iter, voc.base_lr, voc.weight_decay, voc.poly_power, voc.aux_weight) == (
+        512, 20000, 0.01, 5e-4, 0.9, 0.4,
+    )  # fmt: skip
+    assert (city.crop_size, city.max_iter, city.test_mode, city.slide_stride) == (769, 40000, "slide", 513)
+    assert city.names() == ("cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val")
+    with pytest.raises(ValueError, match="dataset"):
+        SegmentationConfig(dataset="ade20k").validate()
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.detectron2
+def test_dilated_backbone_has_output_stride_8(depth):
+    pytest.importorskip("detectron2")
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from densecl.transfer.segmentation import dilate_resnet
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = depth, 64 if depth < 50 else 256
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1, cfg.MODEL.RESNETS.NORM = False, "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4", "res5"]
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    keys = set(backbone.state_dict())
+    dilate_resnet(backbone, {"res4": 2, "res5": 4})
+    assert set(backbone.state_dict()) == keys  # same parameters: converted weights still load
+    out = backbone(torch.zeros(1, 3, 64, 96))
+    assert out["res4"].shape[-2:] == out["res5"].shape[-2:] == (8, 12)
+    assert backbone.output_shape()["res5"].stride == 8
+    first, second = (backbone.res5[0], backbone.res5[1])
+    spatial = "conv2" if depth >= 50 else "conv1"
+    assert getattr(first, spatial).dilation == (2, 2) and getattr(second, spatial).dilation == (4, 4)
+
+
+@pytest.mark.detectron2
+def test_evaluator_gives_100_for_ground_truth(synthetic_root):
+    pytest.importorskip("detectron2")
+    from detectron2.data import DatasetCatalog
+
+    from densecl.transfer.data import register_datasets
+    from densecl.transfer.segmentation import read_label, sem_seg_evaluator
+
+    register_datasets(["synthetic_seg_val"], synthetic_root=str(synthetic_root))
+    evaluator = sem_seg_evaluator("synthetic_seg_val", distributed=False)
+    evaluator.reset()
+    for record in DatasetCatalog.get("synthetic_seg_val"):
+        label = torch.as_tensor(read_label(record["sem_seg_file_name"]))
+        logits = torch.nn.functional.one_hot(label, evaluator.num_classes).permute(2, 0, 1).float()
+        evaluator.process([record], [{"sem_seg": logits}])
+    metrics = evaluator.evaluate()["sem_seg"]
+    assert metrics["mIoU"] == metrics["pAcc"] == metrics["mAcc"] == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+@pytest.mark.detectron2
+def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
+    pytest.importorskip("detectron2")
+    from torchvision import models
+
+    from densecl.export import save_backbone
+    from densecl.transfer.segmentation import run_semantic_segmentation
+
+    state = {k: v for k, v in models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
+    weights = save_backbone(state, tmp_path / "backbone.pth", "resnet18")
+    cfg = SegmentationConfig.synthetic(str(synthetic_root), **TINY)
+    out = tmp_path / "seg"
+    first = run_semantic_segmentation(cfg, str(weights), str(out))
+    assert {"mIoU", "fwIoU", "mAcc", "pAcc"} <= set(first)
+    assert all(0.0 <= v <= 100.0 for v in first.values())
+    log = [json.loads(line) for line in (out / "train_log.json").read_text().splitlines()]
+    assert any("eval/mIoU" in line for line in log)  # eval_period=2: evaluated during training too
+
+    # Simulate a run interrupted after iteration 2: it must continue from model_0000001.pth.
+    (out / "metrics.json").unlink()
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    (out / "train_log.json").unlink()
+    second = run_semantic_segmentation(cfg, str(weights), str(out))
+    iterations = [json.loads(line)["iteration"] for line in (out / "train_log.json").read_text().splitlines()]
+    assert min(iterations) >= 2 and max(iterations) == cfg.max_iter - 1
+    losses = [json.loads(line)["total_loss"] for line in (out / "train_log.json").read_text().splitlines()]
+    assert all(math.isfinite(v) for v in losses)
+    assert set(second) == set(first) and (out / "model_final.pth").is_file()
+    assert "resuming from" in (out / "log.txt").read_text()

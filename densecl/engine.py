@@ -8,6 +8,7 @@ does not hold: each sample's augmentation is seeded from (seed, epoch, index), t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -32,6 +33,7 @@ BACKBONE_NAME = "backbone.pth"
 AMP_MODES = ("none", "bf16", "fp16")
 DATA_KINDS = ("synthetic", "image_folder")
 LR_REFERENCE_BATCH = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -427,6 +429,7 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
         start_step, last_metrics = state["step"], dict(state.get("metrics", {}))
+        log.info("resumed from %s at iteration %d of %d", ckpt_path, start_step, total_steps)
     else:
         torch.manual_seed(cfg.seed + env.rank)  # per-rank randomness (random matching) after the shared init
 

@@ -28,6 +28,7 @@ SUBMITIT_KEYS = (
     "SUBMITIT_LOCAL_GLOBALID",
     "SUBMITIT_LOCAL_LOCALID",
     "CUDA_VISIBLE_DEVICES",
+    "TORCHELASTIC_RUN_ID",
 )
 
 
@@ -98,7 +99,14 @@ def test_all_tasks_of_a_job_agree_on_master_and_ranks_are_distinct(clean_env):
 
 def test_torchrun_variables_are_left_alone_even_under_submitit(clean_env):
     slurm_task(clean_env, procid=1)
-    torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    torchrun = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1234",
+        "TORCHELASTIC_RUN_ID": "abc",
+    }
     for k, v in torchrun.items():
         clean_env.setenv(k, v)
     launching.export_distributed_env()
@@ -106,10 +114,23 @@ def test_torchrun_variables_are_left_alone_even_under_submitit(clean_env):
     assert launching.global_rank() == 5 and launching.world_size() == 8
 
 
+def test_rank_inherited_from_the_submitting_shell_is_replaced(clean_env):
+    """sbatch exports the submitter's environment: a stray RANK=0 WORLD_SIZE=1 must not make every task rank 0."""
+    slurm_task(clean_env, procid=3)
+    clean_env.setenv("RANK", "0")
+    clean_env.setenv("WORLD_SIZE", "1")
+    assert launching.global_rank() == 3 and not launching.is_global_rank_zero()
+    launching.export_distributed_env()
+    assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "4"
+
+
 def test_torchrun_without_submitit(clean_env):
+    clean_env.setenv("TORCHELASTIC_RUN_ID", "abc")
     clean_env.setenv("RANK", "0")
     clean_env.setenv("WORLD_SIZE", "2")
+    before = dict(os.environ)
     launching.export_distributed_env()
+    assert dict(os.environ) == before
     assert launching.is_global_rank_zero() and launching.world_size() == 2
     clean_env.setenv("RANK", "1")
     assert not launching.is_global_rank_zero()

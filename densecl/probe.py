@@ -117,6 +117,16 @@ def predict(classifier, feats, size, device, batch: int = 64) -> torch.Tensor:
     return torch.cat(preds)
 
 
+def fit_and_score(train_feats, train_labels, val_feats, val_labels, num_classes, cfg, device) -> dict[str, float]:
+    """Standardise features per channel with the training statistics (a BN without affine, as linear probes
+    use), fit the 1x1 classifier, and score its upsampled predictions on the validation maps."""
+    mean = train_feats.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_feats.std(dim=(0, 2, 3), keepdim=True) + 1e-6
+    classifier = train_classifier((train_feats - mean) / std, train_labels, num_classes, cfg, device)
+    preds = predict(classifier, (val_feats - mean) / std, val_labels.shape[-2:], device)
+    return segmentation_scores(confusion_matrix(preds.numpy(), val_labels.numpy(), num_classes))
+
+
 def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, output_dir) -> dict[str, float]:
     """Train the probe on frozen features of `weights` (None: random init) and return mIoU, fwIoU, mAcc, pAcc.
 
@@ -134,15 +144,11 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     trunk = load_frozen_backbone(cfg.arch, weights)
     num_classes = len(CLASS_NAMES) + 1
     train_images, train_labels = scenes(cfg, "train")
-    train_feats = extract(trunk, train_images, cfg.layer, device)
-    # per-channel standardisation from the training features: a BN without affine, as linear probes use
-    mean = train_feats.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_feats.std(dim=(0, 2, 3), keepdim=True) + 1e-6
-    classifier = train_classifier((train_feats - mean) / std, train_labels, num_classes, cfg, device)
     val_images, val_labels = scenes(cfg, "val")
-    val_feats = (extract(trunk, val_images, cfg.layer, device) - mean) / std
-    preds = predict(classifier, val_feats, val_labels.shape[-2:], device)
-    metrics = segmentation_scores(confusion_matrix(preds.numpy(), val_labels.numpy(), num_classes))
+    metrics = fit_and_score(
+        extract(trunk, train_images, cfg.layer, device), train_labels,
+        extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg, device,
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": metrics, "config": asdict(cfg), "weights": str(weights) if weights else None}
     tmp = metrics_file.with_name(metrics_file.name + ".tmp")

@@ -1,0 +1,238 @@
+"""Hydra callbacks: check every job's config before anything starts, and open the mlflow runs.
+
+- `on_run_start` / `on_multirun_start` (the launching process): compose and `schema.validate` every job of
+  the run or sweep (a bad value fails here, before any job is launched), check that the jobs' folders are
+  distinct, create the mlflow experiment once (before concurrent jobs could race to create it) and open
+  the parent run. Its id is kept in `<group folder>/mlflow_parent.json` (the sweep folder, or
+  `runs/<name>/` for single runs), so rerunning the same sweep reuses it.
+- `on_job_start` (in the job's own process, on every SLURM task): export the distributed environment;
+  on global rank 0 open the child run, whose id is kept in `<job folder>/mlflow_run.json` (a resubmitted
+  or rerun job reuses it), tag it with the job's overrides and log the resolved config as params (once:
+  mlflow params are immutable) and as an artifact.
+- `on_job_end` / `on_run_end` / `on_multirun_end`: mark the runs FINISHED or FAILED. A job killed by
+  preemption never gets here: its run stays RUNNING until the requeued job finishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines import schema
+from pipelines.launching import export_distributed_env, is_global_rank_zero
+from pipelines.tracking import Tracker, flatten, read_run_id
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent.json"
+CHILD_FILE = "mlflow_run.json"
+TAG_KIND = "densecl.kind"
+TAG_SWEPT = "densecl.swept_keys"
+TAG_SWEPT_VALUES = "densecl.swept_values"
+TAG_GROUP_DIR = "densecl.group_dir"
+TAG_JOB_DIR = "densecl.job_dir"
+TAG_EXPERIMENT = "densecl.experiment"
+OVERRIDE_TAG = "override."
+
+_trackers: dict[str, Tracker] = {}  # per process, never pickled with the callback
+
+
+def tracker_for(cfg: DictConfig) -> Tracker:
+    t = cfg.tracking
+    if t.uri not in _trackers:
+        _trackers[t.uri] = Tracker(t.uri, retries=t.retries, retry_wait_s=t.retry_wait_s)
+    return _trackers[t.uri]
+
+
+def group_dir(config: DictConfig) -> Path:
+    """The folder a sweep's (or a run group's) jobs live in; it holds the parent run's id."""
+    if config.hydra.mode == RunMode.MULTIRUN:
+        return Path(config.hydra.sweep.dir).absolute()
+    return Path(config.hydra.run.dir).absolute().parent
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def override_tags(overrides: list[str]) -> dict[str, str]:
+    """{"override.matching": "random", "override.seed": "1", ...}: the job's overrides as written."""
+    return {
+        f"{OVERRIDE_TAG}{o.key_or_group}": o.get_value_element_as_str() for o in parse_overrides(overrides)
+    }
+
+
+def sweep_jobs(config: DictConfig) -> tuple[list[list[str]], dict[str, list[str]]]:
+    """The overrides of every job the basic sweeper will launch, and the swept keys with their values in
+    sweep order (grid of `hydra.sweeper.params` plus sweeps on the command line), as the sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = parse_overrides(arguments)
+    swept: dict[str, list[str] | None] = {}
+    for o in parsed:  # a later plain override of a key ends its sweep
+        swept[o.key_or_group] = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return jobs, {k: values for k, values in swept.items() if values is not None}
+
+
+def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Compose and validate every job of a sweep; distinct jobs must get distinct folders."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    folders: dict[str, list[str]] = {}
+    for overrides in jobs:
+        job_cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
+        try:
+            schema.validate(job_cfg)
+        except schema.ConfigValueError as err:
+            raise schema.ConfigValueError(f"job [{' '.join(overrides)}]: {err}") from None
+        folder = str(job_cfg.hydra.sweep.subdir)
+        if folder in folders:
+            raise schema.ConfigValueError(
+                f"jobs [{' '.join(folders[folder])}] and [{' '.join(overrides)}] would share the job folder "
+                f"{folder!r}: they differ only in keys excluded from job folder names "
+                f"(hydra.job.config.override_dirname.exclude_keys)"
+            )
+        folders[folder] = list(overrides)
+
+
+class PipelineCallback(Callback):
+    """Registered in conf/hydra/densecl.yaml (hydra.callbacks.densecl)."""
+
+    # ---------------------------------------------------------------------------------- launching process
+
+    # Hydra turns an exception raised by a callback into a warning and carries on, so a bad config or an
+    # unreachable tracking store ends the launch with SystemExit (its message is printed, exit status 1).
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            schema.validate(config)
+        except schema.ConfigValueError as err:
+            raise SystemExit(f"invalid config: {err}") from None
+        self._open_parent(config, kind="run", swept={}, num_jobs=1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            jobs, swept = sweep_jobs(config)
+            try:
+                check_jobs(config, jobs)
+            except schema.ConfigValueError as err:
+                raise SystemExit(f"invalid config, no job was launched: {err}") from None
+            log.info("sweep of %d jobs over %s validated", len(jobs), ", ".join(swept) or "nothing")
+        else:  # another sweeper picks jobs as it goes: each job validates its config when it starts
+            jobs, swept = [], {str(k): [] for k in config.hydra.sweeper.get("params") or {}}
+        self._open_parent(config, kind="sweep", swept=swept, num_jobs=len(jobs))
+
+    def on_run_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
+        ok = job_return is None or job_return.status == JobStatus.COMPLETED
+        self._finish_parent(config, "FINISHED" if ok else "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish_parent(config, "FINISHED")
+
+    def _open_parent(self, config: DictConfig, kind: str, swept: dict[str, list[str]], num_jobs: int) -> None:
+        if not config.tracking.enabled or not is_global_rank_zero():
+            return
+        try:
+            self._open_parent_run(config, kind, swept, num_jobs)
+        except Exception as err:
+            raise SystemExit(
+                f"mlflow: cannot open the parent run at {config.tracking.uri}: {err!r}. "
+                f"Fix tracking.uri, or run with tracking=disabled."
+            ) from err
+
+    def _open_parent_run(
+        self, config: DictConfig, kind: str, swept: dict[str, list[str]], num_jobs: int
+    ) -> None:
+        tracker = tracker_for(config)
+        experiment_id = tracker.experiment_id(
+            config.tracking.experiment_name, config.tracking.artifact_location
+        )
+        folder = group_dir(config)
+        choices = config.hydra.runtime.choices
+        tags = {
+            TAG_KIND: kind,
+            TAG_GROUP_DIR: str(folder),
+            TAG_SWEPT: json.dumps(list(swept)),
+            TAG_SWEPT_VALUES: json.dumps(swept)[:5000],
+            TAG_EXPERIMENT: choices.get("experiment") or "",
+            "densecl.num_jobs": str(num_jobs),
+            "densecl.command": " ".join(sys.argv)[:5000],
+        }
+        run_id, created = tracker.open_run(
+            folder / PARENT_FILE, experiment_id, run_name=config.name, tags=tags
+        )
+        snapshot = folder / f"{kind}_config.yaml"
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(OmegaConf.to_yaml(config))
+        tracker.log_artifact(run_id, snapshot, "config")
+        log.info(
+            "mlflow: %s parent run %s (%s) in experiment %r at %s",
+            "new" if created else "reusing",
+            run_id,
+            folder,
+            config.tracking.experiment_name,
+            tracker.uri,
+        )
+
+    def _finish_parent(self, config: DictConfig, status: str) -> None:
+        if not config.tracking.enabled or not is_global_rank_zero():
+            return
+        run_id = read_run_id(group_dir(config) / PARENT_FILE)
+        if run_id:
+            tracker_for(config).finish(run_id, status)
+
+    # ----------------------------------------------------------------------------------------- job process
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        export_distributed_env()
+        if not config.tracking.enabled or not is_global_rank_zero():
+            return
+        # An error here only warns (Hydra): the task then fails at once because its run is missing.
+        tracker = tracker_for(config)
+        experiment_id = tracker.experiment_id(
+            config.tracking.experiment_name, config.tracking.artifact_location
+        )
+        job_dir = Path(config.hydra.runtime.output_dir)
+        parent_id = read_run_id(group_dir(config) / PARENT_FILE)
+        tags = {TAG_JOB_DIR: str(job_dir), **override_tags(list(config.hydra.overrides.task))}
+        run_id, created = tracker.open_run(
+            job_dir / CHILD_FILE, experiment_id, run_name=job_dir.name, tags=tags, parent_run_id=parent_id
+        )
+        task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
+        task_cfg.pop("hydra", None)
+        changed = tracker.log_params(run_id, flatten(task_cfg))
+        if changed:  # only keys excluded from folder names can differ (e.g. stages): keep the first values
+            log.warning(
+                "mlflow params keep their first values for %s (params are immutable)", ", ".join(changed)
+            )
+        saved = job_dir / ".hydra" / "config.yaml"
+        if saved.exists():
+            tracker.log_artifact(run_id, saved, "config")
+        log.info("mlflow: %s run %s for job %s", "new" if created else "reusing", run_id, job_dir)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not config.tracking.enabled or not is_global_rank_zero():
+            return
+        run_id = read_run_id(Path(config.hydra.runtime.output_dir) / CHILD_FILE)
+        if not run_id:
+            return
+        tracker = tracker_for(config)
+        if job_return.status == JobStatus.COMPLETED:
+            tracker.finish(run_id, "FINISHED")
+        else:
+            tracker.set_tags(run_id, {"densecl.error": repr(job_return._return_value)[:5000]})
+            tracker.finish(run_id, "FAILED")

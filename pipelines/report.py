@@ -1,0 +1,337 @@
+"""`python -m pipelines.report +experiment=NAME [overrides]` or `--parent RUN_ID`: the paper-style table of
+a sweep, from its mlflow runs.
+
+One row per swept value (e.g. each matching strategy), mean ± std over seeds, columns the final metrics
+(det_voc/AP, det_voc/AP50, det_voc/AP75, seg_voc/mIoU, ..., pretrain/corr_acc). Written as Markdown and CSV
+plus one plot per metric against the swept value into `<sweep folder>/report/` (or `--out`), printed, and
+logged as artifacts (`report/`) of the sweep's parent run.
+
+Which runs: the parent run whose id the sweep folder keeps (`mlflow_parent.json`; the same overrides as for
+the sweep find it: `+experiment=NAME`, `paths.output_dir=...`), or `--parent RUN_ID`. Rows: the keys the
+sweep varied (recorded on the parent run; else `hydra.sweeper.params` of the experiment) except
+`report.seed_keys`; if the children also differ in another override (a sweep rerun with other fixed
+overrides into the same folder), that key becomes a row key too, with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines import schema
+from pipelines.callbacks import OVERRIDE_TAG, PARENT_FILE, TAG_GROUP_DIR, TAG_SWEPT, TAG_SWEPT_VALUES
+from pipelines.tracking import Tracker, read_run_id
+
+log = logging.getLogger("pipelines.report")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mAcc", "pAcc")
+PRETRAIN_METRICS = (
+    "pretrain/loss",
+    "pretrain/loss_dense",
+    "pretrain/corr_acc",
+    "pretrain/figure_match_precision",
+)
+
+
+@dataclass
+class Table:
+    """The aggregated sweep: `summary` has one row per group (row keys, n, <metric> mean, <metric> std)."""
+
+    row_keys: list[str]
+    metrics: list[str]
+    summary: pd.DataFrame
+    runs: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self, digits: int = 2) -> str:
+        header = [*self.row_keys, "n", *self.metrics]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        for _, row in self.summary.iterrows():
+            cells = [str(row[k]) for k in self.row_keys] + [str(int(row["n"]))]
+            cells += [format_mean_std(row[f"{m} mean"], row[f"{m} std"], digits) for m in self.metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        text = "\n".join(lines) + "\n"
+        if self.notes:
+            text += "\n" + "\n".join(f"- {note}" for note in self.notes) + "\n"
+        return text
+
+
+def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def default_metrics(columns: list[str]) -> list[str]:
+    """Final stage metrics present in the runs, in paper order: downstream stages, then pre-training."""
+    present = {c[len("metrics.") :] for c in columns if c.startswith("metrics.")}
+    chosen = []
+    for stage in schema.DOWNSTREAM_STAGES:  # not the per-class values (AP-<class>, IoU-<class>) nor timings
+        names = sorted(
+            (m for m in present if m.startswith(stage + "/") and "-" not in m and not m.endswith("/seconds")),
+            key=lambda m: _metric_rank(m.split("/")[-1]),
+        )
+        chosen += names
+    return chosen + [m for m in PRETRAIN_METRICS if m in present]
+
+
+def _metric_rank(name: str) -> tuple[int, str]:
+    return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
+
+
+def _sort_value(value: str, order: list[str]) -> tuple:
+    if value in order:
+        return (0, order.index(value), "")
+    try:
+        return (1, float(value), "")
+    except (TypeError, ValueError):
+        return (2, 0.0, str(value))
+
+
+def build_table(
+    runs: pd.DataFrame,
+    swept_keys: list[str],
+    seed_keys: list[str],
+    metrics: list[str] | None = None,
+    extra_columns: list[str] | None = None,
+    value_order: dict[str, list[str]] | None = None,
+) -> Table:
+    """Group `runs` (an mlflow.search_runs frame) by the swept keys except the seed keys; mean ± std."""
+    notes: list[str] = []
+    runs = runs.copy()
+    value_order = value_order or {}
+
+    def key_column(key: str) -> str | None:
+        for column in (f"tags.{OVERRIDE_TAG}{key}", f"params.{key}"):
+            if column in runs.columns:
+                return column
+        return None
+
+    row_keys = [k for k in swept_keys if k not in seed_keys]
+    override_columns = [c for c in runs.columns if c.startswith(f"tags.{OVERRIDE_TAG}")]
+    for column in override_columns:
+        key = column[len(f"tags.{OVERRIDE_TAG}") :]
+        if key in swept_keys or key in seed_keys:
+            continue
+        if runs[column].fillna("<unset>").nunique() > 1:
+            row_keys.append(key)
+            notes.append(f"runs also differ in `{key}` (not swept): it is a row key too")
+    for column in extra_columns or []:
+        if column not in row_keys:
+            row_keys.append(column)
+
+    group_columns = []
+    for key in row_keys:
+        column = key_column(key)
+        if column is None:
+            runs[key] = "–"
+            notes.append(f"no run records `{key}`")
+        else:
+            runs[key] = runs[column].fillna("<default>").astype(str)
+        group_columns.append(key)
+
+    metrics = metrics or default_metrics(list(runs.columns))
+    metric_columns = []
+    for metric in metrics:
+        column = f"metrics.{metric}"
+        if column not in runs.columns:
+            runs[column] = float("nan")
+            notes.append(f"no run has the metric `{metric}`")
+        metric_columns.append(column)
+
+    if not group_columns:
+        runs["all"] = "all runs"
+        group_columns = ["all"]
+        row_keys = ["all"]
+    grouped = runs.groupby(group_columns, dropna=False, sort=False)
+    summary = grouped.size().rename("n").reset_index()
+    for metric, column in zip(metrics, metric_columns):
+        stats = grouped[column].agg(["mean", "std"]).reset_index(drop=True)
+        summary[f"{metric} mean"] = stats["mean"].to_numpy()
+        summary[f"{metric} std"] = stats["std"].to_numpy()
+    summary = summary.sort_values(
+        by=row_keys,
+        key=lambda col: col.map(lambda v: _sort_value(v, [str(x) for x in value_order.get(col.name, [])])),
+        kind="stable",
+    ).reset_index(drop=True)
+    return Table(row_keys, metrics, summary, runs, notes)
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def plot_metric(table: Table, metric: str):
+    """Mean ± std of `metric` against the row values, with every run as a dot."""
+    from matplotlib.figure import Figure
+
+    labels = [", ".join(str(row[k]) for k in table.row_keys) for _, row in table.summary.iterrows()]
+    x = list(range(len(labels)))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.2), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    means = table.summary[f"{metric} mean"].to_numpy(dtype=float)
+    stds = table.summary[f"{metric} std"].fillna(0.0).to_numpy(dtype=float)
+    ax.errorbar(x, means, yerr=stds, fmt="o-", capsize=4, color="tab:blue", label="mean ± std")
+    column = f"metrics.{metric}"
+    for i, (_, row) in enumerate(table.summary.iterrows()):
+        mask = pd.Series(True, index=table.runs.index)
+        for key in table.row_keys:
+            mask &= table.runs[key] == row[key]
+        values = table.runs.loc[mask, column].dropna().to_numpy(dtype=float)
+        ax.plot([i] * len(values), values, ".", color="0.4", alpha=0.7)
+    ax.set_xticks(x, labels, rotation=30 if max(map(len, labels), default=0) > 8 else 0, ha="right")
+    ax.set_xlabel(", ".join(table.row_keys))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def safe_name(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
+
+
+def write_report(table: Table, out_dir: Path) -> list[Path]:
+    """table.md, table.csv (means, stds and n) and plots/<metric>.png; returns the written paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "table.md", out_dir / "table.csv"]
+    written[0].write_text(table.markdown())
+    table.summary.to_csv(written[1], index=False)
+    (out_dir / "plots").mkdir(exist_ok=True)
+    for metric in table.metrics:
+        if table.summary[f"{metric} mean"].notna().any():
+            path = out_dir / "plots" / f"{safe_name(metric)}.png"
+            plot_metric(table, metric).savefig(path)
+            written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------- finding the runs
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def find_parent(cfg, tracker: Tracker) -> str:
+    """The parent run of the sweep (or run group) the composed config describes."""
+    output_dir = Path(cfg.paths.output_dir)
+    candidates = [
+        output_dir / "multirun" / cfg.name / PARENT_FILE,
+        output_dir / "runs" / cfg.name / PARENT_FILE,
+    ]
+    for path in candidates:
+        run_id = read_run_id(path)
+        if run_id and tracker.run_exists(run_id):
+            return run_id
+    experiment = tracker.call(tracker.client.get_experiment_by_name, cfg.tracking.experiment_name)
+    if experiment is not None:
+        parents = tracker.call(
+            tracker.client.search_runs,
+            [experiment.experiment_id],
+            filter_string="tags.`densecl.kind` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if parents:
+            return parents[0].info.run_id
+    raise SystemExit(
+        f"no sweep found for name={cfg.name!r}: looked for {', '.join(map(str, candidates))} and for "
+        f"sweep runs in mlflow experiment {cfg.tracking.experiment_name!r} at {tracker.uri}. Run the sweep "
+        f"first, or pass --parent RUN_ID (and the tracking.uri / paths.output_dir it used)."
+    )
+
+
+def search_children(tracker: Tracker, parent_id: str) -> pd.DataFrame:
+    import mlflow
+
+    parent = tracker.call(tracker.client.get_run, parent_id)
+    mlflow.set_tracking_uri(tracker.uri)
+    return tracker.call(
+        mlflow.search_runs,
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        output_format="pandas",
+    )
+
+
+def report(
+    overrides: list[str],
+    parent_id: str | None = None,
+    out_dir: Path | None = None,
+    log_artifacts: bool = True,
+    tracking_uri: str | None = None,
+) -> tuple[Table, list[Path]]:
+    cfg = compose(overrides)
+    uri = tracking_uri or cfg.tracking.uri
+    if not uri:
+        raise SystemExit("no tracking URI: tracking is disabled in this config; pass --tracking-uri")
+    tracker = Tracker(uri, retries=cfg.tracking.retries, retry_wait_s=cfg.tracking.retry_wait_s)
+    parent_id = parent_id or find_parent(cfg, tracker)
+    parent = tracker.call(tracker.client.get_run, parent_id)
+    runs = search_children(tracker, parent_id)
+    if runs.empty:
+        raise SystemExit(f"parent run {parent_id} has no child runs yet")
+
+    tags = parent.data.tags
+    if TAG_SWEPT in tags:
+        swept = json.loads(tags[TAG_SWEPT])
+    else:
+        swept = [str(k).lstrip("+") for k in (cfg.hydra.sweeper.get("params") or {})]
+    value_order = json.loads(tags.get(TAG_SWEPT_VALUES, "{}"))
+    table = build_table(
+        runs,
+        swept_keys=swept,
+        seed_keys=list(cfg.report.seed_keys),
+        metrics=list(cfg.report.metrics) or None,
+        extra_columns=list(cfg.report.extra_columns),
+        value_order=value_order,
+    )
+    unfinished = runs[runs["status"] != "FINISHED"]
+    if len(unfinished):
+        table.notes.append(
+            f"{len(unfinished)} of {len(runs)} runs are not FINISHED ({', '.join(unfinished['status'])})"
+        )
+    if out_dir is None:
+        group = tags.get(TAG_GROUP_DIR)
+        out_dir = Path(group) / "report" if group else Path(cfg.paths.output_dir) / "reports" / parent_id
+    written = write_report(table, out_dir)
+    if log_artifacts:
+        for path in written:
+            tracker.log_artifact(parent_id, path, "report" if path.parent == out_dir else "report/plots")
+    return table, written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.report",
+        description="Paper-style tables (mean ± std over seeds) of a sweep's mlflow runs.",
+        epilog="Example: python -m pipelines.report +experiment=ablation_matching",
+    )
+    parser.add_argument("overrides", nargs="*", help="the Hydra overrides the sweep was launched with")
+    parser.add_argument("--parent", help="the sweep's parent run id (default: from the sweep folder)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <sweep folder>/report)")
+    parser.add_argument("--tracking-uri", help="mlflow store (default: tracking.uri of the config)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    table, written = report(args.overrides, args.parent, args.out, not args.no_log, args.tracking_uri)
+    sys.stdout.write(table.markdown())
+    log.info("written: %s", ", ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "apply_cpu_allocation",
     "export_distributed_env",
     "global_rank",
     "is_global_rank_zero",
@@ -83,3 +84,19 @@ def world_size() -> int:
 def is_global_rank_zero() -> bool:
     """True on the one process that should track runs and write shared files (also when not distributed)."""
     return global_rank() == 0
+
+
+def apply_cpu_allocation() -> int | None:
+    """Use as many torch threads as SLURM gave the task (SLURM_CPUS_PER_TASK), so that several tasks on one
+    node do not each start one thread per core of the machine. Returns the thread count it set, if any."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not under_submitit() or not cpus:
+        return None
+    try:
+        threads = int(cpus)
+    except ValueError:
+        raise ValueError(f"SLURM_CPUS_PER_TASK={cpus!r}: expected an integer") from None
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads

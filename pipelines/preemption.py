@@ -74,7 +74,7 @@ class GracefulStop:
         """After the checkpoint: let submitit's handler requeue and exit (rank 0). Other ranks, whose
         submitit handler does nothing, exit here: the requeued job starts them again."""
         signum = self.signum if self.signum is not None else preemption_signal()
+        log.warning("stopped for preemption; exiting so that the requeued job resumes")  # submitit's handler exits
         if callable(self.previous):
             self.previous(signum, None)
-        log.warning("stopped for preemption; exiting so that the requeued job resumes")
         sys.exit(-1)

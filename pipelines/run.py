@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from pipelines import schema  # registers the config schema and resolvers before Hydra composes
 from pipelines.callbacks import CHILD_FILE, tracker_for
-from pipelines.launching import export_distributed_env, is_global_rank_zero
+from pipelines.launching import apply_cpu_allocation, export_distributed_env, is_global_rank_zero
 from pipelines.stages import run_stages
 from pipelines.tracking import RunLogger, read_run_id
 
@@ -45,6 +45,7 @@ def run_job(cfg: DictConfig) -> dict[str, dict[str, float]]:
     other than the basic one, whose jobs the launching process cannot know in advance)."""
     schema.validate(cfg)
     export_distributed_env()
+    apply_cpu_allocation()
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     return run_stages(cfg, job_dir, job_logger(cfg, job_dir))
 

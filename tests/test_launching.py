@@ -171,3 +171,21 @@ def test_real_submitit_local_job_with_two_tasks(clean_env, tmp_path):
     assert all(e["WORLD_SIZE"] == "2" and e["LOCAL_WORLD_SIZE"] == "2" for e in envs)
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
     assert sorted(r[2] for r in results) == [False, True]
+
+
+def test_torch_threads_follow_the_slurm_cpu_allocation(clean_env, monkeypatch):
+    import torch
+
+    from pipelines.launching import apply_cpu_allocation
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert apply_cpu_allocation() is None  # not a submitit job: leave the process alone
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    try:
+        assert apply_cpu_allocation() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "two")
+        with pytest.raises(ValueError, match="SLURM_CPUS_PER_TASK='two'"):
+            apply_cpu_allocation()
+    finally:
+        torch.set_num_threads(before)

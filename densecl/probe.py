@@ -130,16 +130,18 @@ def fit_and_score(train_feats, train_labels, val_feats, val_labels, num_classes,
 def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, output_dir) -> dict[str, float]:
     """Train the probe on frozen features of `weights` (None: random init) and return mIoU, fwIoU, mAcc, pAcc.
 
-    Writes metrics.json into output_dir; a finished output_dir is read back instead of recomputed.
+    Writes metrics.json (the scores) and then probe_config.json (what produced them) into output_dir; a
+    finished output_dir is read back instead of recomputed, and one finished with other settings is an error.
     """
     cfg.validate()
     output_dir = Path(output_dir)
-    metrics_file = output_dir / "metrics.json"
-    if metrics_file.exists():
-        saved = json.loads(metrics_file.read_text())
-        if saved.get("config") == asdict(cfg) and saved.get("weights") == (str(weights) if weights else None):
-            return saved["metrics"]
-        raise ValueError(f"{metrics_file} holds results of another probe configuration; use a new output folder")
+    metrics_file, config_file = output_dir / "metrics.json", output_dir / "probe_config.json"
+    provenance = {"config": asdict(cfg), "weights": str(weights) if weights else None}
+    if config_file.exists() and metrics_file.exists():
+        if json.loads(config_file.read_text()) == provenance:
+            return json.loads(metrics_file.read_text())
+        raise ValueError(f"{config_file}: this folder holds results of another probe configuration or weights; "
+                         f"use a new output folder")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     trunk = load_frozen_backbone(cfg.arch, weights)
     num_classes = len(CLASS_NAMES) + 1
@@ -150,8 +152,8 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
         extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg, device,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"metrics": metrics, "config": asdict(cfg), "weights": str(weights) if weights else None}
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, metrics_file)
+    for path, payload in ((metrics_file, metrics), (config_file, provenance)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
     return metrics

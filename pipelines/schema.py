@@ -26,8 +26,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes")
-DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")
+STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
+DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MAX_REGIONS = 16  # densecl.model.MAX_REGIONS (tested equal; kept here so composing imports no torch)
 
@@ -147,6 +147,7 @@ class DownstreamSchema:
     det_coco: dict[str, Any] = field(default_factory=dict)
     seg_voc: dict[str, Any] = field(default_factory=dict)
     seg_cityscapes: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)  # densecl.probe.LinearProbeConfig fields
 
 
 @dataclass
@@ -377,7 +378,7 @@ def downstream_config(cfg: DictConfig, stage: str, check_paths: bool = False):
         if isinstance(err, ConfigValueError):
             raise
         raise ConfigValueError(f"downstream.{stage}: {err}") from err
-    if check_paths and preset != "synthetic":
+    if check_paths and preset != "synthetic" and hasattr(stage_cfg, "dataset_names"):
         from densecl.transfer.data import check_dataset
 
         for name in stage_cfg.dataset_names():
@@ -389,9 +390,11 @@ def downstream_config(cfg: DictConfig, stage: str, check_paths: bool = False):
 
 
 def _downstream_class(stage: str):
+    from densecl.probe import LinearProbeConfig
     from densecl.transfer import detection, segmentation
 
     return {
+        "probe": LinearProbeConfig,
         "det_voc": detection.VOCDetectionConfig,
         "det_coco": detection.COCODetectionConfig,
         "seg_voc": segmentation.SegmentationConfig,

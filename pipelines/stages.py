@@ -1,5 +1,5 @@
 """The pipeline's stages, run in a job's folder: pretrain -> convert -> det_voc -> det_coco -> seg_voc ->
-seg_cityscapes (those `cfg.stages` names, always in this order).
+seg_cityscapes -> probe (those `cfg.stages` names, always in this order).
 
 Each stage works in `<job folder>/<stage>/`. When it finishes it writes `metrics.json` and then the marker
 `DONE.json` (metrics, duration); a stage whose marker exists is skipped, so a rerun redoes nothing. An
@@ -268,6 +268,16 @@ def _segmentation(cfg, weights, out):
     return run_semantic_segmentation(cfg, weights, out)
 
 
+def run_probe(job: Job) -> dict[str, float]:
+    """The frozen-backbone dense linear probe on the synthetic scenes (torchvision-named weights)."""
+    from densecl.probe import run_linear_probe
+
+    metrics = run_linear_probe(
+        schema.downstream_config(job.cfg, "probe"), backbone_weights(job), job.stage_dir("probe")
+    )
+    return {k: float(v) for k, v in metrics.items()}
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Job], dict[str, float]]] = {
     "pretrain": run_pretrain,
     "convert": run_convert,
@@ -275,4 +285,5 @@ STAGE_FUNCTIONS: dict[str, Callable[[Job], dict[str, float]]] = {
     "det_coco": _transfer("det_coco", _coco_detection),
     "seg_voc": _transfer("seg_voc", _segmentation),
     "seg_cityscapes": _transfer("seg_cityscapes", _segmentation),
+    "probe": run_probe,
 }

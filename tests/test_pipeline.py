@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:Us
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
-STAGES = ["pretrain", "convert"] + (["det_voc", "seg_voc"] if HAVE_DETECTRON2 else [])
+STAGES = ["pretrain", "convert"] + (["det_voc", "seg_voc"] if HAVE_DETECTRON2 else []) + ["probe"]
 TINY = [  # seconds per job on 2 cores (mostly start-up)
     "pretrain.iters=4",
     "pretrain.batch_size=4",
@@ -53,6 +53,12 @@ TINY = [  # seconds per job on 2 cores (mostly start-up)
     "downstream.seg_voc.num_workers=0",
     "++downstream.seg_voc.crop_size=64",
     "++downstream.seg_voc.img_scale=[320,80]",
+    "downstream.probe.image_size=64",
+    "downstream.probe.input_size=64",
+    "downstream.probe.num_train=8",
+    "downstream.probe.num_val=4",
+    "downstream.probe.epochs=1",
+    "++downstream.probe.batch_size=4",
 ]
 
 
@@ -103,7 +109,7 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
         assert params["model.loss_lambda"] == "0.5" and params["matching.name"] == "backbone"
         assert params["pretrain.iters"] == "4" and params["backbone.arch"] == "resnet18"
         assert child.data.tags["override.seed"] == params["seed"]
-        for name in ("pretrain/loss", "pretrain/loss_dense", "pretrain/corr_acc", "convert/num_tensors"):
+        for name in ("pretrain/loss", "pretrain/loss_dense", "pretrain/corr_acc", "convert/num_tensors", "probe/mIoU"):
             assert name in metrics, name
         if HAVE_DETECTRON2:
             assert {"det_voc/AP", "det_voc/AP50", "det_voc/AP75", "seg_voc/mIoU"} <= set(metrics)

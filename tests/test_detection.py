@@ -20,12 +20,8 @@ TINY = dict(
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_convolutions_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

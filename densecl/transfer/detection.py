@@ -76,27 +76,7 @@ class VOCDetectionConfig(DetectionConfig):
     @classmethod
     def synthetic(cls, root: str, **overrides) -> VOCDetectionConfig:
         """A CPU-sized run on the synthetic set: the protocol's shape at batch 8 and 160 px images."""
-        base = (
-            cls(
-                arch="resnet18",
-                synthetic_root=str(root),
-                train_datasets=("synthetic_voc_train",),
-                test_dataset="synthetic_voc_val",
-                min_size_train=(128, 160, 192),
-                max_size_train=320,
-                min_size_test=160,
-                max_size_test=320,
-                rpn_post_nms_topk_train=500,
-                rpn_post_nms_topk_test=300,
-                roi_batch_size_per_image=128,
-                precise_bn_iters=20,
-                num_workers=2,
-                clip_grad_norm=10.0,
-            )
-            .scaled(8)
-            .shortened(2000)
-        )
-        return dataclasses.replace(base, **overrides)
+        return _synthetic_preset(cls, root, "synthetic_voc", overrides)
 
 
 @dataclass
@@ -120,28 +100,35 @@ class COCODetectionConfig(DetectionConfig):
     @classmethod
     def synthetic(cls, root: str, **overrides) -> COCODetectionConfig:
         """A CPU-sized run on the synthetic set (ResNet-18, batch 8, 160 px)."""
-        base = (
-            cls(
-                arch="resnet18",
-                synthetic_root=str(root),
-                train_datasets=("synthetic_coco_train",),
-                test_dataset="synthetic_coco_val",
-                min_size_train=(128, 160, 192),
-                max_size_train=320,
-                min_size_test=160,
-                max_size_test=320,
-                rpn_pre_nms_topk_train=1000,
-                rpn_post_nms_topk_train=500,
-                rpn_post_nms_topk_test=300,
-                roi_batch_size_per_image=128,
-                precise_bn_iters=20,
-                num_workers=2,
-                clip_grad_norm=10.0,
-            )
-            .scaled(8)
-            .shortened(2000)
-        )
-        return dataclasses.replace(base, **overrides)
+        return _synthetic_preset(cls, root, "synthetic_coco", overrides, rpn_pre_nms_topk_train=1000)
+
+
+# The CPU-sized shape both synthetic presets share: ResNet-18 on 160 px scenes, fewer proposals and sampled
+# boxes, gradient clipping (random-init runs diverge without it), batch 8 and 2000 iterations.
+SYNTHETIC_PRESET = dict(
+    arch="resnet18",
+    min_size_train=(128, 160, 192),
+    max_size_train=320,
+    min_size_test=160,
+    max_size_test=320,
+    rpn_post_nms_topk_train=500,
+    rpn_post_nms_topk_test=300,
+    roi_batch_size_per_image=128,
+    precise_bn_iters=20,
+    num_workers=2,
+    clip_grad_norm=10.0,
+)
+
+
+def _synthetic_preset(cls, root: str, prefix: str, overrides: dict, **specific):
+    base = cls(
+        **SYNTHETIC_PRESET,
+        **specific,
+        synthetic_root=str(root),
+        train_datasets=(f"{prefix}_train",),
+        test_dataset=f"{prefix}_val",
+    )
+    return dataclasses.replace(base.scaled(8).shortened(2000), **overrides)
 
 
 # ------------------------------------------------------------------------------------------- models

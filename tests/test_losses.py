@@ -74,3 +74,16 @@ def test_dense_info_nce_gradient_matches_autograd_reference():
     pos = (rows * t.permute(0, 2, 1).reshape(-1, 8)).sum(1, keepdim=True)
     F.cross_entropy(torch.cat([pos, rows @ queue], 1) / 0.2, torch.zeros(8, dtype=torch.long)).backward()
     torch.testing.assert_close(r.grad, r_ref.grad)
+
+
+def test_info_nce_small_temperature_takes_the_shifted_path_and_stays_exact():
+    torch.manual_seed(5)
+    tau = 0.01  # logits up to 100: exp would overflow fp32 without the max shift
+    q, k, queue = (F.normalize(torch.randn(*s), dim=d) for s, d in (((4, 8), 1), ((4, 8), 1), ((8, 20), 0)))
+    q.requires_grad_()
+    loss = info_nce(q, k, queue, tau)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], 1) / tau
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0])

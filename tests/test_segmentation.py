@@ -17,9 +17,7 @@ TINY = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _tiny_convolutions_on_one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is faster
 
 
 @pytest.fixture(scope="module")

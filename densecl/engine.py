@@ -33,6 +33,8 @@ BACKBONE_NAME = "backbone.pth"
 AMP_MODES = ("none", "bf16", "fp16")
 DATA_KINDS = ("synthetic", "image_folder")
 LR_REFERENCE_BATCH = 256
+# averaged over the log window rather than taken at its last step: per-batch values are noisy fractions
+WINDOW_MEAN_METRICS = ("corr_acc", "corr_acc_chance")
 log = logging.getLogger(__name__)
 
 
@@ -479,7 +481,7 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
         progress = tqdm(total=total_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
 
     step, completed = start_step, True
-    window_start, window_images, corr_values = time.perf_counter(), 0, []
+    window_start, window_images, window_means = time.perf_counter(), 0, {key: [] for key in WINDOW_MEAN_METRICS}
     try:
         for views, boxes, flips in loader:
             lam = lambda_at(cfg, step)
@@ -493,22 +495,23 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
             scheduler.step()
             step += 1
             window_images += views.shape[0] * env.world_size
-            if "corr_acc" in out and not torch.isnan(out["corr_acc"]):
-                corr_values.append(float(out["corr_acc"]))
+            for key, values in window_means.items():
+                if key in out and not torch.isnan(out[key]):
+                    values.append(float(out[key]))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                last_metrics = {k: float(v) for k, v in out.items() if k != "corr_acc"}
-                if corr_values:
-                    last_metrics["corr_acc"] = float(np.mean(corr_values))
+                last_metrics = {k: float(v) for k, v in out.items() if k not in window_means}
+                last_metrics.update({k: float(np.mean(v)) for k, v in window_means.items() if v})
                 last_metrics.update(
                     lr=optimizer.param_groups[0]["lr"], images_per_sec=window_images / elapsed, **{"lambda": lam}
                 )
                 if on_step is not None and env.is_main:
                     on_step(step, dict(last_metrics))
-                window_start, window_images, corr_values = time.perf_counter(), 0, []
+                window_start, window_images = time.perf_counter(), 0
+                window_means = {key: [] for key in WINDOW_MEAN_METRICS}
             if step % cfg.ckpt_every == 0 and step < total_steps:
                 checkpoint(step, last_metrics)
             if should_stop is not None and step < total_steps and should_stop():

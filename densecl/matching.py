@@ -71,7 +71,18 @@ def correspondence_accuracy(
     return hit.sum().float() / count.float()
 
 
-def chance_accuracy(num_regions: int) -> float:
-    """Expected correspondence accuracy of uniform random matching for a cell in the grid's interior
-    (a 3x3 neighbourhood of S^2 cells); a reference line for accuracy curves."""
-    return min(1.0, 9.0 / (num_regions * num_regions))
+def chance_correspondence_accuracy(geometric: torch.Tensor, inside: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """What correspondence_accuracy would be, in expectation, for a uniformly random key cell, on the same
+    crops: the mean share of the S x S grid within one cell of each qualifying query's true match. The
+    reference a learned matcher's accuracy must rise above (near 1 for S = 3: the 3x3 neighbourhood covers
+    most of the grid); NaN when no cell qualifies."""
+    s = num_regions
+
+    def span(index: torch.Tensor) -> torch.Tensor:  # cells within one step along one axis, clipped to the grid
+        return (torch.clamp(index + 1, max=s - 1) - torch.clamp(index - 1, min=0) + 1).float()
+
+    share = span(geometric // s) * span(geometric % s) / float(s * s)
+    count = inside.sum()
+    if count == 0:
+        return torch.tensor(float("nan"), device=geometric.device)
+    return (share * inside).sum() / count.float()

@@ -18,6 +18,7 @@ from densecl.losses import dense_info_nce, info_nce
 from densecl.matching import (
     MATCHING_STRATEGIES,
     argmax_match,
+    chance_correspondence_accuracy,
     correspondence_accuracy,
     geometric_match,
     random_match,
@@ -168,6 +169,7 @@ class DenseCL(nn.Module):
         if chosen is not None and boxes is not None and flips is not None:
             geo, inside = geometric_match(boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1], num_regions)
             out["corr_acc"] = correspondence_accuracy(chosen, geo, inside, num_regions)
+            out["corr_acc_chance"] = chance_correspondence_accuracy(geo, inside, num_regions)
 
         self._enqueue(self.queue_global, self.queue_global_ptr, k)
         if self.dense:

@@ -24,6 +24,7 @@ from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 LAYERS = ("c3", "c4", "c5")
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 @dataclass
@@ -39,12 +40,16 @@ class LinearProbeConfig:
     batch_size: int = 64
     lr: float = 0.05
     weight_decay: float = 0.0
+    class_weighting: str = "none"  # none | balanced: median-frequency weights, so rare classes are not ignored
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"probe.arch={self.arch!r}: expected one of {', '.join(ARCHS)}")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"probe.class_weighting={self.class_weighting!r}: expected one of "
+                             f"{', '.join(CLASS_WEIGHTINGS)}")
         if self.layer not in LAYERS:
             raise ValueError(f"probe.layer={self.layer!r}: expected one of {', '.join(LAYERS)}")
         for name in ("image_size", "input_size", "num_train", "num_val", "epochs", "batch_size"):
@@ -87,8 +92,26 @@ def extract(trunk: ResNetTrunk, images: torch.Tensor, layer: str, device: torch.
     return torch.cat(feats)
 
 
+def class_weights(labels: torch.Tensor, num_classes: int, kind: str) -> torch.Tensor | None:
+    """Median-frequency balancing: weight_c = median(freq) / freq_c over the classes present (absent ones get 0).
+
+    Background covers most pixels of a scene; with plain cross-entropy, weak features give a probe that
+    predicts background everywhere, so every backbone scores the same and the probe cannot rank them.
+    """
+    if kind == "none":
+        return None
+    counts = torch.bincount(labels.flatten(), minlength=num_classes)[:num_classes].double()
+    present = counts > 0
+    freq = counts / counts.sum()
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = freq[present].median() / freq[present]
+    return weights.float()
+
+
 def train_classifier(feats, labels, num_classes, cfg: LinearProbeConfig, device) -> torch.nn.Conv2d:
     torch.manual_seed(cfg.seed)
+    weights = class_weights(labels, num_classes, cfg.class_weighting)
+    weights = weights.to(device) if weights is not None else None
     classifier = torch.nn.Conv2d(feats.shape[1], num_classes, 1).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, len(feats) // cfg.batch_size)
@@ -100,7 +123,7 @@ def train_classifier(feats, labels, num_classes, cfg: LinearProbeConfig, device)
             idx = order[start : start + cfg.batch_size]
             logits = classifier(feats[idx].to(device))
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, labels[idx].to(device))
+            loss = F.cross_entropy(logits, labels[idx].to(device), weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -196,12 +196,63 @@ def plot_metric(table: Table, metric: str):
     return fig
 
 
+# training curves drawn per row, each with the reference curve the model logs beside it (chance level)
+CURVE_METRICS = {"pretrain/corr_acc": "pretrain/corr_acc_chance"}
+
+
+def metric_histories(tracker: Tracker, table: Table, metric: str) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per row label, the (steps, values) history of `metric` of each run in the row (runs without it left out)."""
+    curves: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for _, run in table.runs.iterrows():
+        history = sorted(tracker.call(tracker.client.get_metric_history, run["run_id"], metric),
+                         key=lambda point: point.step)
+        if len(history) < 2:
+            continue
+        label = ", ".join(str(run[k]) for k in table.row_keys) or "all"
+        curves.setdefault(label, []).append(([p.step for p in history], [p.value for p in history]))
+    return curves
+
+
+def mean_curve(runs: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
+    """The mean over runs at the steps they all logged."""
+    shared = sorted(set.intersection(*(set(steps) for steps, _ in runs))) if runs else []
+    by_step = [dict(zip(steps, values)) for steps, values in runs]
+    return shared, [sum(run[s] for run in by_step) / len(by_step) for s in shared]
+
+
+def plot_curves(curves: dict, metric: str, reference: dict | None = None, reference_name: str = "chance"):
+    """Each run's curve (thin) and, per row, the mean over its runs (thick); the row's mean reference
+    curve (e.g. chance level on the same crops) dashed in the same colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.4), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for i, (label, runs) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        for steps, values in runs:
+            ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
+        steps, mean = mean_curve(runs)
+        if steps:
+            ax.plot(steps, mean, color=colour, linewidth=2.0, label=f"{label} (n={len(runs)})")
+        ref_steps, ref_mean = mean_curve((reference or {}).get(label, []))
+        if ref_steps:
+            ax.plot(ref_steps, ref_mean, color=colour, linestyle="--", linewidth=1.0,
+                    label=f"{label}: {reference_name}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def safe_name(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
 
 
-def write_report(table: Table, out_dir: Path) -> list[Path]:
-    """table.md, table.csv (means, stds and n) and plots/<metric>.png; returns the written paths."""
+def write_report(table: Table, out_dir: Path, curves: dict | None = None) -> list[Path]:
+    """table.md, table.csv (means, stds and n), plots/<metric>.png and, for each metric in `curves`
+    ({metric: (histories per row, reference histories per row)}), plots/curve_<metric>.png; returns the written
+    paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "table.md", out_dir / "table.csv"]
     written[0].write_text(table.markdown())
@@ -211,6 +262,11 @@ def write_report(table: Table, out_dir: Path) -> list[Path]:
         if table.summary[f"{metric} mean"].notna().any():
             path = out_dir / "plots" / f"{safe_name(metric)}.png"
             plot_metric(table, metric).savefig(path)
+            written.append(path)
+    for metric, (histories, reference) in (curves or {}).items():
+        if histories:
+            path = out_dir / "plots" / f"curve_{safe_name(metric)}.png"
+            plot_curves(histories, metric, reference).savefig(path)
             written.append(path)
     return written
 
@@ -308,7 +364,11 @@ def report(
     if out_dir is None:
         group = tags.get(TAG_GROUP_DIR)
         out_dir = Path(group) / "report" if group else Path(cfg.paths.output_dir) / "reports" / parent_id
-    written = write_report(table, out_dir)
+    curves = {
+        metric: (metric_histories(tracker, table, metric), metric_histories(tracker, table, reference))
+        for metric, reference in CURVE_METRICS.items()
+    }
+    written = write_report(table, out_dir, curves)
     if log_artifacts:
         for path in written:
             tracker.log_artifact(parent_id, path, "report" if path.parent == out_dir else "report/plots")

@@ -134,11 +134,11 @@ def test_length_in_epochs(tmp_path):
 def test_metrics_callback_reports_the_promised_keys(tmp_path):
     seen = []
     pretrain(tiny_config(iters=2, lambda_warmup_iters=1), tmp_path, on_step=lambda s, m: seen.append((s, m)))
-    keys = {"loss", "loss_global", "loss_dense", "lr", "lambda", "images_per_sec", "corr_acc"}
+    keys = {"loss", "loss_global", "loss_dense", "lr", "lambda", "images_per_sec", "corr_acc", "corr_acc_chance"}
     assert [s for s, _ in seen] == [1, 2]
     for _, m in seen:
         assert keys <= m.keys() and all(math.isfinite(v) for v in m.values())
-        assert 0.0 <= m["corr_acc"] <= 1.0
+        assert 0.0 <= m["corr_acc"] <= 1.0 and 0.0 < m["corr_acc_chance"] <= 1.0
     assert seen[0][1]["lambda"] == 0.0 and seen[1][1]["lambda"] == 0.5  # warm-up: lambda = 0 first
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from densecl.matching import (
     argmax_match,
     cell_centres,
+    chance_correspondence_accuracy,
     correspondence_accuracy,
     geometric_match,
     random_match,
@@ -117,3 +118,16 @@ def test_correspondence_accuracy_brute_force():
                 (r1, c1), (r2, c2) = divmod(int(chosen[n, p]), s), divmod(int(geo[n, p]), s)
                 hits += max(abs(r1 - r2), abs(c1 - c2)) <= 1
     assert correspondence_accuracy(chosen, geo, inside, s).item() == pytest.approx(hits / total)
+
+
+@pytest.mark.parametrize("s", [1, 3, 5])
+def test_chance_accuracy_is_the_mean_over_every_possible_choice(s):
+    torch.manual_seed(2)
+    cells = s * s
+    geo = torch.randint(cells, (3, cells))
+    inside = torch.rand(3, cells) > 0.3
+    inside[0, 0] = True
+    per_choice = [correspondence_accuracy(torch.full_like(geo, c), geo, inside, s) for c in range(cells)]
+    # every query drawing its key cell uniformly = the mean over the S^2 ways all queries pick the same cell
+    assert chance_correspondence_accuracy(geo, inside, s).item() == pytest.approx(torch.stack(per_choice).mean().item())
+    assert torch.isnan(chance_correspondence_accuracy(geo, torch.zeros_like(inside), s))

@@ -99,6 +99,9 @@ def sweep_store(tmp_path):
                 parent_run_id=parent,
             )
             tracker.log_metrics(run, {"det_voc/AP": value, "det_voc/AP50": value + 25})
+            tracker.log_metric_points(run, [
+                (step, {"pretrain/corr_acc": 0.2 + 0.01 * step, "pretrain/corr_acc_chance": 0.2}) for step in (10, 20, 30)
+            ])  # fmt: skip
             tracker.finish(run)
     return tracker, parent, sweep_dir, expected
 
@@ -117,8 +120,21 @@ def test_report_reads_the_sweep_writes_files_and_logs_them(sweep_store, tmp_path
         assert f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" in printed
     assert (out / "table.md").read_text() in printed
     assert (out / "plots" / "det_voc_AP.png").stat().st_size > 1000
+    assert (out / "plots" / "curve_pretrain_corr_acc.png").stat().st_size > 1000
     logged = {a.path for a in tracker.client.list_artifacts(parent, "report")}
     assert {"report/table.md", "report/table.csv", "report/plots"} <= logged
+
+
+def test_curves_are_grouped_by_row_and_averaged_at_shared_steps(sweep_store):
+    tracker, parent, _, _ = sweep_store
+    runs = report.search_children(tracker, parent)
+    table = report.build_table(runs, swept_keys=["matching", "seed"], seed_keys=["seed"])
+    curves = report.metric_histories(tracker, table, "pretrain/corr_acc")
+    assert sorted(curves) == sorted(MATCHINGS)
+    assert all(len(runs) == len(SEEDS) for runs in curves.values())
+    assert report.mean_curve(curves["random"]) == ([10, 20, 30], pytest.approx([0.3, 0.4, 0.5]))
+    assert report.mean_curve([([1, 2, 3], [1.0, 2.0, 3.0]), ([2, 3], [4.0, 6.0])]) == ([2, 3], [3.0, 4.5])
+    assert report.metric_histories(tracker, table, "no/such_metric") == {}
 
 
 def test_report_by_parent_id_into_another_folder(sweep_store, tmp_path):

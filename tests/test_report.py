@@ -99,9 +99,8 @@ def sweep_store(tmp_path):
                 parent_run_id=parent,
             )
             tracker.log_metrics(run, {"det_voc/AP": value, "det_voc/AP50": value + 25})
-            tracker.log_metric_points(run, [
-                (step, {"pretrain/corr_acc": 0.2 + 0.01 * step, "pretrain/corr_acc_chance": 0.2}) for step in (10, 20, 30)
-            ])  # fmt: skip
+            points = {"pretrain/corr_acc_chance": 0.2}
+            tracker.log_metric_points(run, [(s, {**points, "pretrain/corr_acc": 0.2 + s / 100}) for s in (10, 20, 30)])
             tracker.finish(run)
     return tracker, parent, sweep_dir, expected
 

@@ -1,9 +1,13 @@
 """Procedurally generated scenes: the project's built-in data, so every experiment runs with no download.
 
-A scene holds several small objects whose class is their *shape*; colour, texture, size and rotation are
-drawn per instance, so nothing global (mean colour, overall texture) identifies a class. Objects occlude each
-other and sit on cluttered backgrounds among class-less distractor shapes. Class identity is thus a local,
-dense property: what dense pre-training should capture and a single global embedding averages away.
+A scene holds several small objects whose class is a local appearance: a *shape* filled with a class-specific
+texture family (dots, checks, stripes, speckle, cross-hatch, each at a class-specific scale), in random
+colours, size, rotation and phase, so nothing global (mean colour, overall texture) identifies a class.
+Objects occlude each other and sit on cluttered backgrounds among class-less, untextured distractor shapes;
+most scenes hold several classes. Class identity is thus a property of small regions: what dense
+pre-training should capture and a single global embedding averages away. (Version 1 drew every texture at
+random, so only the outline told classes apart; a few hundred CPU iterations of pre-training learned nothing
+a linear probe could use there: see docs/benchmarks.md.)
 Scenes come with exact boxes, instance masks and semantic maps, and ``write_synthetic_dataset`` exports a set
 in Pascal VOC and COCO layouts, so the downstream detection and segmentation code runs on it unchanged.
 """
@@ -24,11 +28,11 @@ from PIL import Image, ImageDraw
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: class-specific texture families, untextured distractors
 VAL_INDEX_OFFSET = 1_000_000  # val scenes use generation indices disjoint from train's 0..num_train-1
 MIN_VISIBLE_PIXELS = 20
 MIN_VISIBLE_FRACTION = 0.1
-OBJECTS_PER_SCENE = (3, 8)  # inclusive
+OBJECTS_PER_SCENE = (4, 10)  # inclusive
 DISTRACTORS_PER_SCENE = (2, 6)  # inclusive
 OBJECT_DIAMETER_FRACTION = (0.10, 0.25)  # of the image side
 NEAR_PREVIOUS_PROBABILITY = 0.35  # chance to place an object touching an earlier one, to make occlusions
@@ -133,28 +137,50 @@ def _render_mask(operations: list[tuple], centre: np.ndarray, radius: float, ang
 
 
 # ------------------------------------------------------------------------------------------- textures
-def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random fill: solid, stripes, checker, dots, gradient or speckle, in two random colours."""
+# Each class has its own local appearance: a shape *and* a texture family (pattern and scale), drawn in two
+# random colours at a random orientation and phase. Colour never identifies a class; distractors and
+# background clutter are untextured (solid or gradient fills) so that texture marks an object, as parts do in
+# natural images, and the class is read from the pattern and outline of a small region: a dense property.
+CLASS_TEXTURES: dict[str, tuple[str, tuple[float, float]]] = {  # class -> (pattern, period range in pixels)
+    "circle": ("dots", (3.0, 5.0)),
+    "square": ("checker", (3.0, 5.0)),
+    "triangle": ("stripes", (3.0, 4.5)),
+    "star": ("speckle", (1.0, 1.0)),
+    "ring": ("stripes", (6.0, 9.0)),
+    "cross": ("checker", (6.0, 9.0)),
+    "hexagon": ("dots", (6.0, 9.0)),
+    "crescent": ("crosshatch", (4.0, 7.0)),
+}
+assert tuple(CLASS_TEXTURES) == CLASS_NAMES
+UNTEXTURED_FILLS = ("solid", "gradient")  # distractors
+
+
+def _texture(rng: np.random.Generator, height: int, width: int, pattern: str,
+             period_range: tuple[float, float] = (3.0, 8.0)) -> np.ndarray:
+    """A fill of the named pattern in two random colours, at a random orientation, phase and period."""
     colour_a, colour_b = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-    kind = rng.integers(6)
-    if kind == 0:
+    if pattern == "solid":
         return np.broadcast_to(colour_a, (height, width, 3))
-    if kind == 5:
+    if pattern == "speckle":
         weight = rng.random((height, width), dtype=np.float32)
     else:
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
         phi = rng.uniform(0, np.pi)
         u = xs * math.cos(phi) + ys * math.sin(phi) + rng.uniform(0, 10)
         v = -xs * math.sin(phi) + ys * math.cos(phi) + rng.uniform(0, 10)
-        period = rng.uniform(3.0, 8.0)
-        if kind == 1:
+        period = rng.uniform(*period_range)
+        if pattern == "stripes":
             weight = np.floor(u / (period / 2)) % 2
-        elif kind == 2:
-            weight = (np.floor(u / period) + np.floor(v / period)) % 2
-        elif kind == 3:
+        elif pattern == "checker":
+            weight = (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2
+        elif pattern == "dots":
             weight = ((u % period - period / 2) ** 2 + (v % period - period / 2) ** 2) < (0.3 * period) ** 2
-        else:
+        elif pattern == "crosshatch":
+            weight = ((u % period) < 0.35 * period) | ((v % period) < 0.35 * period)
+        elif pattern == "gradient":
             weight = (u - u.min()) / max(float(np.ptp(u)), 1e-6)
+        else:
+            raise ValueError(f"unknown texture pattern {pattern!r}")
     return colour_a + weight.astype(np.float32)[..., None] * (colour_b - colour_a)
 
 
@@ -236,15 +262,18 @@ def generate_scene(seed: int, index: int, image_size: int = 160) -> Scene:
         kind, i = items[position]
         angle = rng.uniform(0, 2 * np.pi)
         if kind == "object":
-            operations, centre, radius, owner_id = _SHAPE_OPERATIONS[CLASS_NAMES[labels[i]]], centres[i], radii[i], i
+            name = CLASS_NAMES[labels[i]]
+            operations, centre, radius, owner_id = _SHAPE_OPERATIONS[name], centres[i], radii[i], i
+            fill = CLASS_TEXTURES[name]
         else:
+            fill = (UNTEXTURED_FILLS[int(rng.integers(len(UNTEXTURED_FILLS)))],)
             operations = _distractor_operations(rng)
             radius = rng.uniform(*OBJECT_DIAMETER_FRACTION) * size / 2 * rng.uniform(1.0, 1.6)
             centre, owner_id = rng.uniform(0, size, 2), -1
         mask, x0, y0 = _render_mask(operations, centre, radius, angle)
         if kind == "object":
             full_area[i] = mask.sum()
-        _paste(canvas, owner, owner_id, mask, x0, y0, _texture(rng, *mask.shape))
+        _paste(canvas, owner, owner_id, mask, x0, y0, _texture(rng, *mask.shape, *fill))
 
     canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * 3.0  # sensor noise
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))

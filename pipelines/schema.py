@@ -327,9 +327,12 @@ PRESETS = {"synthetic", "voc", "cityscapes"}  # classmethods of the densecl.tran
 
 
 def synthetic_root(cfg: DictConfig) -> Path:
-    """Where the `downstream.synthetic` data set lives in the cache (written once, shared by all jobs)."""
+    """Where the `downstream.synthetic` data set lives in the cache (written once, shared by all jobs); the
+    generator's format version is in the name, so a newer generator never meets an older set's folder."""
+    from densecl.synthetic import FORMAT_VERSION
+
     syn = cfg.downstream.synthetic
-    name = f"synthetic-{syn.num_train}x{syn.num_val}-{syn.image_size}px-seed{syn.seed}"
+    name = f"synthetic-v{FORMAT_VERSION}-{syn.num_train}x{syn.num_val}-{syn.image_size}px-seed{syn.seed}"
     return (Path(cfg.paths.cache_dir) / name).absolute()
 
 

@@ -11,6 +11,8 @@ from PIL import Image
 
 from densecl.synthetic import (
     CLASS_NAMES,
+    CLASS_TEXTURES,
+    UNTEXTURED_FILLS,
     VAL_INDEX_OFFSET,
     generate_scene,
     voc_palette,
@@ -83,6 +85,24 @@ def test_colour_does_not_identify_the_class():
     class_means = np.stack([np.mean(v, 0) for v in colours.values() if len(v) >= 5])
     spread_within = np.mean([np.std(v, 0).mean() for v in colours.values() if len(v) >= 5])
     assert np.ptp(class_means, axis=0).max() < spread_within
+
+
+def test_each_class_has_its_own_texture_family_and_distractors_have_none():
+    families = list(CLASS_TEXTURES.values())
+    for a in range(len(families)):  # same pattern only at non-overlapping scales
+        for b in range(a + 1, len(families)):
+            (pattern_a, (lo_a, hi_a)), (pattern_b, (lo_b, hi_b)) = families[a], families[b]
+            assert pattern_a != pattern_b or hi_a < lo_b or hi_b < lo_a, (families[a], families[b])
+    assert not {pattern for pattern, _ in families} & set(UNTEXTURED_FILLS)
+
+
+def test_objects_are_textured_so_their_pixels_vary_more_than_a_solid_fill():
+    stds = []
+    for i in range(10):
+        scene = generate_scene(3, i, 160)
+        pixels = np.asarray(scene.image, dtype=np.float32)
+        stds += [pixels[mask].std(0).max() for mask in scene.masks if mask.sum() >= 100]
+    assert np.median(stds) > 20.0  # a solid fill varies only by the sensor noise (std 3)
 
 
 def test_occlusion_happens():

@@ -57,14 +57,19 @@ def geometric_match(
     return row * num_regions + col, inside
 
 
+def within_one_cell(cells: torch.Tensor, reference: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """Whether each cell is at Chebyshev distance <= 1 from its reference cell (row-major indices, S x S)."""
+    dr = (cells // num_regions - reference // num_regions).abs()
+    dc = (cells % num_regions - reference % num_regions).abs()
+    return torch.maximum(dr, dc) <= 1
+
+
 def correspondence_accuracy(
     chosen: torch.Tensor, geometric: torch.Tensor, inside: torch.Tensor, num_regions: int
 ) -> torch.Tensor:
     """Fraction of query cells (centre inside both crops) whose chosen key cell is within one cell
     (Chebyshev distance <= 1) of the geometric correspondence; NaN when no cell qualifies."""
-    dr = (chosen // num_regions - geometric // num_regions).abs()
-    dc = (chosen % num_regions - geometric % num_regions).abs()
-    hit = (torch.maximum(dr, dc) <= 1) & inside
+    hit = within_one_cell(chosen, geometric, num_regions) & inside
     count = inside.sum()
     if count == 0:
         return torch.tensor(float("nan"), device=chosen.device)

@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 
 from densecl.backbone import ARCHS, ResNetTrunk
 from densecl.export import load_backbone_weights
+from densecl.files import write_json
 from densecl.metrics import confusion_matrix, segmentation_scores
 from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -175,8 +176,6 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
         extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg, device,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    for path, payload in ((metrics_file, metrics), (config_file, provenance)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
+    write_json(metrics_file, metrics)
+    write_json(config_file, provenance)  # last: its presence marks the folder finished
     return metrics

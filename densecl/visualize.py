@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from densecl.matching import geometric_match
+from densecl.matching import geometric_match, within_one_cell
 from densecl.transforms import TwoViewAugmentation
 
 
@@ -94,11 +94,8 @@ def match_views(
         q_idx, k_idx, sim = mutual_nearest_neighbours(feats[i, 0], feats[i, 1], threshold)
         correct = judged = None
         if truth is not None:
-            expected = truth[i, q_idx]
-            dr = (k_idx // num_regions - expected // num_regions).abs()
-            dc = (k_idx % num_regions - expected % num_regions).abs()
             judged = inside[i, q_idx]
-            correct = (torch.maximum(dr, dc) <= 1) & judged
+            correct = within_one_cell(k_idx, truth[i, q_idx], num_regions) & judged
         out.append(ViewMatches(q_idx, k_idx, sim, num_regions, correct, judged))
     return out
 

@@ -17,6 +17,8 @@ import signal
 import sys
 from types import FrameType
 
+from pipelines.launching import under_submitit
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ class GracefulStop:
     """Context manager; `requested` is the engine's should_stop, `hand_over` finishes the requeue."""
 
     def __init__(self, enabled: bool | None = None):
-        self.enabled = bool(os.environ.get("SUBMITIT_EXECUTOR")) if enabled is None else enabled
+        self.enabled = under_submitit() if enabled is None else enabled
         self.signum: int | None = None
         self.previous = None
         self._sig: signal.Signals | None = None

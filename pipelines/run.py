@@ -3,7 +3,7 @@
     python -m pipelines.run                                   # the whole chain on synthetic data (CPU)
     python -m pipelines.run +experiment=ablation_matching -m  # a sweep from conf/experiment/
     python -m pipelines.run pretrain.weights=PATH stages=[det_voc]
-    python -m pipelines.run +experiment=baselines -m hydra/launcher=submitit_slurm hydra.launcher.qos=high
+    python -m pipelines.run +experiment=baselines hydra/launcher=submitit_slurm hydra.launcher.qos=high -m
 
 Config: conf/ (schema and checks in pipelines/schema.py). The job runs in
 <paths.output_dir>/runs/<name>/<overrides> (or multirun/<name>/<overrides> for sweeps), see docs/pipeline.md.

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from densecl.files import write_json
 from pipelines import schema
 from pipelines.launching import is_global_rank_zero
 from pipelines.tracking import RunLogger
@@ -62,12 +63,6 @@ def read_done(stage_dir: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def planned_stages(cfg: DictConfig) -> list[str]:
     """The stages this job runs, in pipeline order (random init has nothing to pre-train or convert)."""
     chosen = set(cfg.stages)
@@ -96,10 +91,10 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
         metrics = STAGE_FUNCTIONS[stage](job)
         seconds = time.perf_counter() - start
         if rank_zero:
-            _write_json(job.stage_dir(stage) / METRICS, metrics)
+            write_json(job.stage_dir(stage) / METRICS, metrics)
             tracking.final_metrics(stage, {**metrics, "seconds": seconds})
             tracking.artifact(job.stage_dir(stage) / METRICS, stage)
-            _write_json(
+            write_json(
                 job.stage_dir(stage) / DONE, {"metrics": metrics, "seconds": seconds, "finished": time.time()}
             )
         log.info("stage %s: done in %.0f s: %s", stage, seconds, _fmt(metrics))

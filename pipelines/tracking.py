@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from densecl.files import write_json
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -87,9 +89,7 @@ def read_run_id(path: Path) -> str | None:
 
 def write_run_id(path: Path, run_id: str, **extra: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, **extra}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"run_id": run_id, **extra})
 
 
 class Tracker:

@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from densecl.files import write_json
+
 logger = logging.getLogger(__name__)
 
 PIXEL_MEAN = [123.675, 116.280, 103.530]  # torchvision's ImageNet statistics on the 0-255 scale, RGB order
@@ -272,12 +274,6 @@ def _check_resumable(output_dir: Path, config: dict, weights: str | None) -> Non
         )
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _ensure_synthetic(cfg: StageConfig, names: list[str]) -> None:
     """Write the synthetic set on first use; an existing set at synthetic_root is used as it is."""
     if any(n.startswith("synthetic_") for n in names) and cfg.synthetic_root:
@@ -315,7 +311,7 @@ def run_stage(trainer_cls_name: str, cfg: StageConfig, weights: str | None, outp
     for name in names:  # before anything is built or converted
         check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
     pkl = prepare_weights(weights, output_dir)
-    _write_json(
+    write_json(
         output_dir / "stage_config.json",
         {"config": config, "weights": None if weights is None else str(weights), "weights_pkl": pkl},
     )
@@ -371,7 +367,7 @@ def _worker(trainer_cls_name: str, cfg: StageConfig, pkl: str | None, output_dir
         trainer.train()
         metrics = trainer.evaluate()
         if comm.is_main_process():
-            _write_json(Path(output_dir) / "metrics.json", metrics)
+            write_json(Path(output_dir) / "metrics.json", metrics)
             logger.info("metrics: %s", metrics)
         comm.synchronize()
     finally:

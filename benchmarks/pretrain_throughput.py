@@ -23,6 +23,7 @@ from densecl.engine import (
     build_model,
     build_optimizer,
     train_step,
+    uses_channels_last,
 )
 
 
@@ -72,9 +73,9 @@ def main() -> None:
     cfg.validate()
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    if device.type == "cuda" and cfg.channels_last:
+    if uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     optimizer = build_optimizer(cfg, model, world_size=1)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step
+from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step, uses_channels_last
 
 
 def main() -> None:
@@ -39,10 +39,10 @@ def main() -> None:
             crop_size=args.size, amp=args.amp, iters=1, epochs=None,
         )
         model = build_model(cfg).to(device)
-        if device.type == "cuda" and cfg.channels_last:
+        if uses_channels_last(cfg, device):
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, model, world_size=1)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
         runs[name] = (cfg, model, optimizer, scaler)
 
     views = torch.randn(args.batch, 2, 3, args.size, args.size, device=device)

@@ -68,8 +68,8 @@ class PretrainConfig:
     warmup_iters: int = 0  # linear lr warm-up
     iters: int | None = None  # exactly one of iters / epochs
     epochs: int | None = 200
-    amp: str = "none"  # none | bf16 | fp16 (GPU only; CPU runs fp32)
-    channels_last: bool = True  # GPU only
+    amp: str = "none"  # none | bf16 | fp16; on CPU only bf16 (oneDNN runs it about 2x faster than fp32 there)
+    channels_last: bool = True  # on GPU, and on CPU under bf16 (no gain for fp32 on CPU)
     sync_bn: bool = False
     shuffle_bn: bool = True
     seed: int = 0
@@ -270,16 +270,23 @@ def check_sync_bn(sync_bn: bool, world_size: int, device: torch.device) -> None:
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or cfg.amp == "none":
-        return None
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    """bf16 on any device, fp16 on CUDA only (CPU has no fast fp16 kernels and needs no grad scaler)."""
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    if cfg.amp == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def uses_channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) == torch.bfloat16)
 
 
 def train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, loss_lambda) -> dict[str, torch.Tensor]:
     """One SGD step on a batch of two-view pairs. Raises NonFiniteLossError before touching the weights."""
     views = views.to(device, non_blocking=True)
     im_q, im_k = views[:, 0], views[:, 1]
-    if device.type == "cuda" and cfg.channels_last:
+    if uses_channels_last(cfg, device):
         im_q = im_q.contiguous(memory_format=torch.channels_last)
         im_k = im_k.contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(cfg, device)
@@ -404,7 +411,7 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
         model.encoder_k = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if uses_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, env.world_size)
     dataset = build_dataset(cfg)
@@ -542,5 +549,6 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
 
 
 def warn_if_cpu_amp(cfg: PretrainConfig, device: torch.device) -> None:
-    if device.type != "cuda" and cfg.amp != "none":
-        warnings.warn(f"amp={cfg.amp!r} is ignored on {device.type}: CPU training runs in fp32", stacklevel=2)
+    if device.type != "cuda" and cfg.amp == "fp16":
+        warnings.warn(f"amp='fp16' is ignored on {device.type}: use amp='bf16' there, or fp32 (amp='none')",
+                      stacklevel=2)

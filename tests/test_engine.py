@@ -208,3 +208,38 @@ def test_config_from_dict_rejects_unknown_keys():
 def test_invalid_config_messages(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides).validate()
+
+
+def test_bf16_on_cpu_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch):
+    seen = []
+    original = torch.nn.Conv2d.forward
+
+    def recording_forward(self, x):
+        out = original(self, x)
+        seen.append((out.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    metrics = []
+    pretrain(tiny_config(iters=2, amp="bf16", deterministic=False), tmp_path,
+             on_step=lambda s, m: metrics.append(m))
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)
+    assert seen[0][1]  # the stem sees a channels_last batch
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    model, _ = load_trained_model(tmp_path / CHECKPOINT_NAME)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_on_cpu_warns_and_runs_in_fp32(tmp_path, monkeypatch):
+    seen = []
+    original = torch.nn.Conv2d.forward
+
+    def recording_forward(self, x):
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    with pytest.warns(UserWarning, match="amp='fp16' is ignored on cpu"):
+        pretrain(tiny_config(iters=1, amp="fp16"), tmp_path)
+    assert seen and set(seen) == {torch.float32}

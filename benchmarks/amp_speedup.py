@@ -1,0 +1,67 @@
+"""bf16 autocast against fp32: DenseCL train steps of both, timed alternately in one process.
+
+On a CPU with AVX512-BF16/AMX, oneDNN runs bf16 convolutions much faster than fp32, which is what lets the
+CPU presets (mini_paper) afford more pre-training in the same hour. Alternating the two models step by
+step, in one process, keeps the ratio meaningful on a shared, noisy machine:
+    OMP_NUM_THREADS=1 python benchmarks/amp_speedup.py --arch resnet18 --size 96 --batch 32 --iters 10
+The last line is `bf16/fp32 step-time ratio: X.XXX` (below 1: bf16 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step, uses_channels_last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--queue-len", type=int, default=4096)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    runs = {}
+    for amp in ("none", "bf16"):
+        cfg = PretrainConfig(arch=args.arch, queue_len=args.queue_len, batch_size=args.batch, crop_size=args.size,
+                             amp=amp, channels_last=True, iters=1, epochs=None)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        if uses_channels_last(cfg, device):
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, model, world_size=1)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        runs[amp] = (cfg, model, optimizer, scaler)
+
+    views = torch.randn(args.batch, 2, 3, args.size, args.size, device=device)
+    boxes = torch.tensor([[0.0, 0.0, args.size, args.size]], device=device).expand(args.batch, 2, 4)
+    flips = torch.zeros(args.batch, 2, dtype=torch.bool, device=device)
+    times: dict[str, list[float]] = {amp: [] for amp in runs}
+    for i in range(args.warmup + args.iters):
+        for amp, (cfg, model, optimizer, scaler) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, loss_lambda=cfg.loss_lambda)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[amp].append(time.perf_counter() - start)
+    fp32, bf16 = statistics.median(times["none"]), statistics.median(times["bf16"])
+    print(f"{args.arch} {args.size}px batch {args.batch} queue {args.queue_len} on {device}, "
+          f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"median step: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s")
+    print(f"bf16/fp32 step-time ratio: {bf16 / fp32:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -141,6 +141,23 @@ def predict(classifier, feats, size, device, batch: int = 64) -> torch.Tensor:
     return torch.cat(preds)
 
 
+def feature_rank(feats: torch.Tensor, max_positions: int = 8192, seed: int = 0) -> float:
+    """RankMe (Garrido et al., 2023) of the per-channel standardised features, one row per position: exp of the
+    entropy of the singular values normalised to sum 1, between 1 and the channel count.
+
+    Early contrastive training first squeezes the features onto a few directions; a frozen random network
+    keeps many, which is why it can out-score a briefly pre-trained one on a linear probe. Reporting the
+    rank beside the probe's scores tells that case apart from features that are merely poor.
+    """
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    if len(rows) > max_positions:
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_positions]]
+    rows = (rows - rows.mean(dim=0)) / (rows.std(dim=0) + 1e-6)
+    singular = torch.linalg.svdvals(rows)
+    p = singular / singular.sum() + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def fit_and_score(train_feats, train_labels, val_feats, val_labels, num_classes, cfg, device) -> dict[str, float]:
     """Standardise features per channel with the training statistics (a BN without affine, as linear probes
     use), fit the 1x1 classifier, and score its upsampled predictions on the validation maps."""
@@ -152,7 +169,8 @@ def fit_and_score(train_feats, train_labels, val_feats, val_labels, num_classes,
 
 
 def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, output_dir) -> dict[str, float]:
-    """Train the probe on frozen features of `weights` (None: random init) and return mIoU, fwIoU, mAcc, pAcc.
+    """Train the probe on frozen features of `weights` (None: random init) and return mIoU, fwIoU, mAcc, pAcc
+    and the features' effective rank (feature_rank).
 
     Writes metrics.json (the scores) and then probe_config.json (what produced them) into output_dir; a
     finished output_dir is read back instead of recomputed, and one finished with other settings is an error.
@@ -171,10 +189,12 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     num_classes = len(CLASS_NAMES) + 1
     train_images, train_labels = scenes(cfg, "train")
     val_images, val_labels = scenes(cfg, "val")
+    train_feats = extract(trunk, train_images, cfg.layer, device)
     metrics = fit_and_score(
-        extract(trunk, train_images, cfg.layer, device), train_labels,
-        extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg, device,
+        train_feats, train_labels, extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg,
+        device,
     )
+    metrics["feature_rank"] = feature_rank(train_feats, seed=cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(metrics_file, metrics)
     write_json(config_file, provenance)  # last: its presence marks the folder finished

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densecl.metrics import confusion_matrix, segmentation_scores
-from densecl.probe import LinearProbeConfig, run_linear_probe
+from densecl.probe import LinearProbeConfig, feature_rank, run_linear_probe
 
 
 def slow_scores(pred, target, num_classes, ignore=255):
@@ -59,8 +59,9 @@ def test_linear_probe_runs_and_caches(tmp_path):
     cfg = LinearProbeConfig(arch="resnet18", image_size=64, input_size=96, num_train=16, num_val=8, epochs=2,
                             batch_size=8, device="cpu")
     metrics = run_linear_probe(cfg, None, tmp_path)
-    assert set(metrics) == {"mIoU", "fwIoU", "mAcc", "pAcc"}
-    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert set(metrics) == {"mIoU", "fwIoU", "mAcc", "pAcc", "feature_rank"}
+    assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if k != "feature_rank")
+    assert 1.0 <= metrics["feature_rank"] <= 16 * 3 * 3  # bounded by the positions: 16 images x C5's 3 x 3
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert run_linear_probe(cfg, None, tmp_path) == metrics  # finished: read back, not recomputed
     with pytest.raises(ValueError, match="another probe configuration"):
@@ -124,3 +125,26 @@ def test_balanced_probe_finds_a_rare_class_that_plain_cross_entropy_ignores():
         scores[weighting] = fit_and_score(feats[train], labels[train], feats[val], labels[val], 2, cfg, "cpu")
     assert scores["none"]["mAcc"] < 55.0
     assert scores["balanced"]["mAcc"] > scores["none"]["mAcc"] + 5.0
+
+
+def slow_rankme(feats: np.ndarray) -> float:
+    rows = feats.transpose(0, 2, 3, 1).reshape(-1, feats.shape[1]).astype(np.float64)
+    rows = (rows - rows.mean(axis=0)) / (rows.std(axis=0, ddof=1) + 1e-6)
+    singular = np.linalg.svd(rows, compute_uv=False)
+    entropy = 0.0
+    for s in singular:
+        p = s / singular.sum() + 1e-12
+        entropy -= p * np.log(p)
+    return float(np.exp(entropy))
+
+
+def test_feature_rank_matches_slow_reference_and_counts_directions():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 6, 5, 5, generator=gen) * torch.arange(1, 7).view(1, 6, 1, 1)
+    assert feature_rank(feats) == pytest.approx(slow_rankme(feats.numpy()), rel=1e-9)
+    isotropic = torch.randn(64, 16, 8, 8, generator=gen)  # 4096 positions of 16 independent channels
+    assert 15.0 < feature_rank(isotropic) <= 16.0
+    sources = torch.randn(64, 3, 8, 8, generator=gen)
+    mixed = torch.einsum("nkhw,kc->nchw", sources, torch.randn(3, 16, generator=gen))  # 16 channels, 3 directions
+    assert feature_rank(mixed) < 3.0 + 1e-6
+    assert feature_rank(isotropic, max_positions=512) == pytest.approx(feature_rank(isotropic), rel=0.05)

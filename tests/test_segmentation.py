@@ -129,3 +129,28 @@ def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
     assert all(math.isfinite(v) for v in losses)
     assert set(second) == set(first) and (out / "model_final.pth").is_file()
     assert "resuming from" in (out / "log.txt").read_text()
+
+
+def test_bf16_autocasts_the_training_forward_only():
+    from densecl.transfer.engine import autocast_training_forward
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    keys = list(model.state_dict())
+    autocast_training_forward(model, "cpu")
+    x = torch.randn(2, 3, 8, 8)
+    assert model.train()(x).dtype == torch.bfloat16
+    assert model.eval()(x).dtype == torch.float32  # evaluation stays fp32
+    assert list(model.state_dict()) == keys and model[0].weight.dtype == torch.float32
+
+
+def test_tiny_bf16_run_trains_and_evaluates(synthetic_root, tmp_path):
+    pytest.importorskip("detectron2")
+    from densecl.transfer.segmentation import run_semantic_segmentation
+
+    cfg = SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "eval_period": 0, "amp": "bf16"})
+    metrics = run_semantic_segmentation(cfg, None, str(tmp_path / "seg"))
+    assert 0.0 <= metrics["mIoU"] <= 100.0
+    losses = [json.loads(line)["total_loss"] for line in (tmp_path / "seg" / "train_log.json").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
+    with pytest.raises(ValueError, match="amp='fp16'"):
+        SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "amp": "fp16"}).validate()

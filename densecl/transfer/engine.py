@@ -71,6 +71,7 @@ class StageConfig:
     num_workers: int = 4
     precise_bn: bool = True
     precise_bn_iters: int = 200
+    amp: str = "none"  # none | bf16: bf16 autocast around the training forward (GPU, or CPU with AVX512-BF16)
 
     def scaled(self, ims_per_batch: int):
         """Same schedule at another batch size: lr x k, every iteration count / k (k = new / old batch)."""
@@ -111,6 +112,8 @@ class StageConfig:
                 f"max_iter, ims_per_batch and num_gpus must be >= 1 "
                 f"(got {self.max_iter}, {self.ims_per_batch}, {self.num_gpus})"
             )
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp={self.amp!r}: expected 'none' or 'bf16'")
         if self.ims_per_batch % self.num_gpus:
             raise ValueError(f"ims_per_batch={self.ims_per_batch} is not divisible by num_gpus={self.num_gpus}")
         if list(self.steps) != sorted(self.steps) or any(s >= self.max_iter or s < 1 for s in self.steps):
@@ -177,7 +180,7 @@ def base_d2_config(cfg: StageConfig, output_dir: str, zoo_config: str | None = N
     c.TEST.PRECISE_BN.ENABLED = cfg.precise_bn
     c.TEST.PRECISE_BN.NUM_ITER = cfg.precise_bn_iters
     c.DATALOADER.NUM_WORKERS = cfg.num_workers
-    c.DENSECL = CfgNode({"LOG_PERIOD": cfg.log_period})
+    c.DENSECL = CfgNode({"LOG_PERIOD": cfg.log_period, "AMP": cfg.amp})
     return c
 
 
@@ -218,7 +221,13 @@ def transfer_trainer_class():
 
     class TransferTrainer(DefaultTrainer):
         """DefaultTrainer with: our log period, a JSON log that leaves metrics.json to the final metrics,
-        periodic evaluation without a duplicate final one, and `evaluate()` returning flat metrics."""
+        periodic evaluation without a duplicate final one, `evaluate()` returning flat metrics, and bf16
+        training on CPU as well as GPU (detectron2's AMPTrainer is CUDA-only)."""
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            if cfg.DENSECL.AMP == "bf16":
+                autocast_training_forward(_unwrap(self.model), cfg.MODEL.DEVICE)
 
         @classmethod
         def build_d2_config(cls, cfg: StageConfig, output_dir: str):
@@ -332,6 +341,23 @@ def _resolve_trainer(trainer_cls_name: str):
 
     module, func = trainer_cls_name.split(":")
     return getattr(importlib.import_module(module), func)()
+
+
+def autocast_training_forward(model, device: str) -> None:
+    """Run `model`'s forward under bf16 autocast while it is in training mode; evaluation stays fp32.
+
+    Patching the instance's forward (not wrapping the module) keeps `trainer.model`, its state-dict keys and
+    the checkpointer untouched; only the forward (and loss) is autocast, as torch recommends."""
+    import torch
+
+    forward = model.forward
+    device_type = torch.device(device).type
+
+    def forward_in_bf16_when_training(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=model.training):
+            return forward(*args, **kwargs)
+
+    model.forward = forward_in_bf16_when_training
 
 
 def _unwrap(model):

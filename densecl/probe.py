@@ -58,9 +58,12 @@ class LinearProbeConfig:
                 raise ValueError(f"probe.{name}={getattr(self, name)}: expected a positive integer")
 
 
-def load_frozen_backbone(arch: str, weights: str | os.PathLike | None) -> ResNetTrunk:
-    """A ResNet trunk with the given weights loaded strictly (None keeps the random init)."""
-    trunk = ResNetTrunk(arch)
+def load_frozen_backbone(arch: str, weights: str | os.PathLike | None, seed: int = 0) -> ResNetTrunk:
+    """A ResNet trunk with the given weights loaded strictly (None: torchvision's random init drawn from `seed`,
+    so that a random-init probe is reproducible and its seeds differ)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = ResNetTrunk(arch)
     if weights is not None:
         state, saved_arch = load_backbone_weights(weights)
         if saved_arch is not None and saved_arch != arch:
@@ -185,7 +188,7 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
         raise ValueError(f"{config_file}: this folder holds results of another probe configuration or weights; "
                          f"use a new output folder")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    trunk = load_frozen_backbone(cfg.arch, weights)
+    trunk = load_frozen_backbone(cfg.arch, weights, cfg.seed)
     num_classes = len(CLASS_NAMES) + 1
     train_images, train_labels = scenes(cfg, "train")
     val_images, val_labels = scenes(cfg, "val")

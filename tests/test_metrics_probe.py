@@ -148,3 +148,14 @@ def test_feature_rank_matches_slow_reference_and_counts_directions():
     mixed = torch.einsum("nkhw,kc->nchw", sources, torch.randn(3, 16, generator=gen))  # 16 channels, 3 directions
     assert feature_rank(mixed) < 3.0 + 1e-6
     assert feature_rank(isotropic, max_positions=512) == pytest.approx(feature_rank(isotropic), rel=0.05)
+
+
+def test_random_init_trunk_is_a_function_of_the_seed():
+    from densecl.probe import load_frozen_backbone
+
+    first = load_frozen_backbone("resnet18", None, seed=1).state_dict()
+    torch.rand(10)  # the global RNG state must not matter
+    again = load_frozen_backbone("resnet18", None, seed=1).state_dict()
+    other = load_frozen_backbone("resnet18", None, seed=2).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["conv1.weight"], other["conv1.weight"])

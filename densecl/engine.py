@@ -423,6 +423,8 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
             f"lower batch_size or add images"
         )
     total_steps = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
+    if env.rank == 0:
+        warn_if_queue_holds_own_keys(cfg.queue_len, len(dataset), total_steps * global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, cfg.warmup_iters)
     )
@@ -546,6 +548,25 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
         iterations=step,
         completed=completed,
     )
+
+
+QUEUE_SHARE_WARNING = 0.25  # MoCo's ImageNet queue holds 65536 of 1.28M images, 5%
+
+
+def warn_if_queue_holds_own_keys(queue_len: int, num_images: int, num_samples: int) -> None:
+    """Once images repeat, an image whose key from its last visit is still queued meets itself as a negative:
+    instance discrimination then pushes apart two views of one image. A queue that holds a large share of
+    the data set (or all of it, many times over) makes that the rule and the features get worse with
+    training, so say so before hours of it."""
+    if num_samples > num_images and queue_len > QUEUE_SHARE_WARNING * num_images:
+        share = min(queue_len / num_images, 1.0)
+        warnings.warn(
+            f"queue_len={queue_len} with {num_images} images seen {num_samples / num_images:.1f} times each: "
+            f"from the second epoch on, {share:.0%} of the images find their own earlier key in the queue as a "
+            f"negative. Use more images (data.num_images for synthetic scenes; {num_samples} makes every image "
+            f"new) or a queue under {QUEUE_SHARE_WARNING:.0%} of the data set",
+            stacklevel=2,
+        )
 
 
 def warn_if_cpu_amp(cfg: PretrainConfig, device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """The pre-training engine: schedule, data order, checkpoints, exact resume, export, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -243,3 +244,12 @@ def test_fp16_on_cpu_warns_and_runs_in_fp32(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="amp='fp16' is ignored on cpu"):
         pretrain(tiny_config(iters=1, amp="fp16"), tmp_path)
     assert seen and set(seen) == {torch.float32}
+
+
+def test_a_queue_holding_the_images_own_keys_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"queue_len=16 with 16 images seen 1.5 times each: .* 100% of the images"):
+        pretrain(tiny_config(iters=6), tmp_path / "repeats")  # 24 samples of 16 images, all in the queue
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pretrain(tiny_config(iters=4, data=DataConfig(kind="synthetic", num_images=16, image_size=64)),
+                 tmp_path / "one_pass")  # 16 samples: no image comes back

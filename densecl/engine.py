@@ -556,8 +556,8 @@ QUEUE_SHARE_WARNING = 0.25  # MoCo's ImageNet queue holds 65536 of 1.28M images,
 def warn_if_queue_holds_own_keys(queue_len: int, num_images: int, num_samples: int) -> None:
     """Once images repeat, an image whose key from its last visit is still queued meets itself as a negative:
     instance discrimination then pushes apart two views of one image. A queue that holds a large share of
-    the data set (or all of it, many times over) makes that the rule and the features get worse with
-    training, so say so before hours of it."""
+    the data set (or all of it, many times over) makes that the rule rather than the exception, so say so
+    before hours of training."""
     if num_samples > num_images and queue_len > QUEUE_SHARE_WARNING * num_images:
         share = min(queue_len / num_images, 1.0)
         warnings.warn(

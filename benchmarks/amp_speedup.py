@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from alternating_steps import build_run, time_alternately
 
-from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step, uses_channels_last
+from densecl.engine import PretrainConfig
 
 
 def main() -> None:
@@ -35,27 +35,8 @@ def main() -> None:
         cfg = PretrainConfig(arch=args.arch, queue_len=args.queue_len, batch_size=args.batch, crop_size=args.size,
                              amp=amp, channels_last=True, iters=1, epochs=None)
         torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        if uses_channels_last(cfg, device):
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, model, world_size=1)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        runs[amp] = (cfg, model, optimizer, scaler)
-
-    views = torch.randn(args.batch, 2, 3, args.size, args.size, device=device)
-    boxes = torch.tensor([[0.0, 0.0, args.size, args.size]], device=device).expand(args.batch, 2, 4)
-    flips = torch.zeros(args.batch, 2, dtype=torch.bool, device=device)
-    times: dict[str, list[float]] = {amp: [] for amp in runs}
-    for i in range(args.warmup + args.iters):
-        for amp, (cfg, model, optimizer, scaler) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, loss_lambda=cfg.loss_lambda)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times[amp].append(time.perf_counter() - start)
+        runs[amp] = build_run(cfg, device)
+    times = time_alternately(runs, args.batch, args.size, device, args.warmup, args.iters)
     fp32, bf16 = statistics.median(times["none"]), statistics.median(times["bf16"])
     print(f"{args.arch} {args.size}px batch {args.batch} queue {args.queue_len} on {device}, "
           f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")

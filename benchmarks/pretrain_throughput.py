@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from alternating_steps import build_run
 from torch.utils.data import DataLoader
 
 from densecl.engine import (
@@ -20,10 +21,7 @@ from densecl.engine import (
     PretrainConfig,
     ResumableSampler,
     build_dataset,
-    build_model,
-    build_optimizer,
     train_step,
-    uses_channels_last,
 )
 
 
@@ -72,12 +70,8 @@ def main() -> None:
     )
     cfg.validate()
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
-    if uses_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
+    _, model, optimizer, scaler = build_run(cfg, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    optimizer = build_optimizer(cfg, model, world_size=1)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
 
     def step(views, boxes, flips):
         train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, cfg.loss_lambda)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from alternating_steps import build_run, time_alternately
 
-from densecl.engine import PretrainConfig, build_model, build_optimizer, train_step, uses_channels_last
+from densecl.engine import PretrainConfig
 
 
 def main() -> None:
@@ -38,27 +38,8 @@ def main() -> None:
             arch=args.arch, loss_lambda=lam, queue_len=args.queue_len, batch_size=args.batch,
             crop_size=args.size, amp=args.amp, iters=1, epochs=None,
         )
-        model = build_model(cfg).to(device)
-        if uses_channels_last(cfg, device):
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, model, world_size=1)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
-        runs[name] = (cfg, model, optimizer, scaler)
-
-    views = torch.randn(args.batch, 2, 3, args.size, args.size, device=device)
-    boxes = torch.tensor([[0.0, 0.0, args.size, args.size]], device=device).expand(args.batch, 2, 4)
-    flips = torch.zeros(args.batch, 2, dtype=torch.bool, device=device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.warmup + args.iters):
-        for name, (cfg, model, optimizer, scaler) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, loss_lambda=cfg.loss_lambda)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+        runs[name] = build_run(cfg, device)
+    times = time_alternately(runs, args.batch, args.size, device, args.warmup, args.iters)
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name}: median step {med * 1000:.1f} ms, {args.batch / med:.1f} images/s ({args.arch}, {args.size}px, "

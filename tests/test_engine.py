@@ -211,7 +211,8 @@ def test_invalid_config_messages(overrides, message):
         tiny_config(**overrides).validate()
 
 
-def test_bf16_on_cpu_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch):
+def record_convolutions(monkeypatch) -> list[tuple[torch.dtype, bool]]:
+    """Each convolution's (output dtype, whether its input was channels_last), appended as they run."""
     seen = []
     original = torch.nn.Conv2d.forward
 
@@ -221,6 +222,11 @@ def test_bf16_on_cpu_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(tmp_pa
         return out
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    return seen
+
+
+def test_bf16_on_cpu_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch):
+    seen = record_convolutions(monkeypatch)
     metrics = []
     pretrain(tiny_config(iters=2, amp="bf16", deterministic=False), tmp_path,
              on_step=lambda s, m: metrics.append(m))
@@ -232,18 +238,10 @@ def test_bf16_on_cpu_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(tmp_pa
 
 
 def test_fp16_on_cpu_warns_and_runs_in_fp32(tmp_path, monkeypatch):
-    seen = []
-    original = torch.nn.Conv2d.forward
-
-    def recording_forward(self, x):
-        out = original(self, x)
-        seen.append(out.dtype)
-        return out
-
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    seen = record_convolutions(monkeypatch)
     with pytest.warns(UserWarning, match="amp='fp16' is ignored on cpu"):
         pretrain(tiny_config(iters=1, amp="fp16"), tmp_path)
-    assert seen and set(seen) == {torch.float32}
+    assert seen and {dtype for dtype, _ in seen} == {torch.float32}
 
 
 def test_a_queue_holding_the_images_own_keys_is_warned_about(tmp_path):

@@ -68,11 +68,15 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shuffle_batch(x: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shuffle-BN: redistribute the key batch across ranks with a permutation drawn on rank 0, so that BN
-    statistics of the key encoder do not come from the same images as the query's (MoCo)."""
+    statistics of the key encoder do not come from the same images as the query's (MoCo). In a single
+    process, `local=True` permutes the batch itself (for split BN, densecl.split_bn); otherwise a no-op."""
     if not is_distributed():
-        return x, None
+        if not local:
+            return x, None
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return x[perm], torch.argsort(perm)
     world, rank = dist.get_world_size(), dist.get_rank()
     x_all = concat_all_gather(x)
     perm = torch.randperm(x_all.shape[0], device=x.device)
@@ -85,5 +89,7 @@ def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 def unshuffle_batch(x: torch.Tensor, unshuffle: torch.Tensor | None) -> torch.Tensor:
     if unshuffle is None:
         return x
+    if not is_distributed():
+        return x[unshuffle]
     world, rank = dist.get_world_size(), dist.get_rank()
     return concat_all_gather(x)[unshuffle.view(world, -1)[rank]]

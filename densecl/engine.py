@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from densecl.backbone import ARCHS
+from densecl.correspondence_eval import evaluate_correspondence, fixed_view_pairs
 from densecl.distributed import init_distributed
 from densecl.export import backbone_state_dict, save_backbone
 from densecl.model import DenseCL, validate_hyperparameters
@@ -35,6 +36,7 @@ DATA_KINDS = ("synthetic", "image_folder")
 LR_REFERENCE_BATCH = 256
 # averaged over the log window rather than taken at its last step: per-batch values are noisy fractions
 WINDOW_MEAN_METRICS = ("corr_acc", "corr_acc_chance")
+CORR_EVAL_KEYS = {"corr_eval_crop", "corr_eval_pairs", "corr_eval_every"}
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,10 @@ class PretrainConfig:
     channels_last: bool = True  # on GPU, and on CPU under bf16 (no gain for fp32 on CPU)
     sync_bn: bool = False
     shuffle_bn: bool = True
+    bn_splits: int = 1  # BN groups per process (densecl.split_bn): emulates per-GPU BN and shuffle-BN in one process
+    corr_eval_crop: int | None = None  # e.g. 160: correspondence accuracy on fixed view pairs at this crop
+    corr_eval_pairs: int = 64
+    corr_eval_every: int = 100  # iterations; a multiple of log_every (also at 0 and at the end)
     seed: int = 0
     deterministic: bool = False
     ckpt_every: int = 1000
@@ -106,11 +112,27 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: expected a positive number")
-        for name in ("batch_size", "crop_size", "ckpt_every", "log_every", "feat_dim"):
+        for name in ("batch_size", "crop_size", "ckpt_every", "log_every", "feat_dim", "bn_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
         if self.lambda_warmup_iters < 0 or self.warmup_iters < 0 or self.num_workers < 0:
             raise ValueError("lambda_warmup_iters, warmup_iters and num_workers must be >= 0")
+        if self.corr_eval_crop is not None:
+            if self.corr_eval_crop < 32 or self.corr_eval_pairs < 1 or self.corr_eval_every < 1:
+                raise ValueError(
+                    f"corr_eval_crop={self.corr_eval_crop}, corr_eval_pairs={self.corr_eval_pairs}, "
+                    f"corr_eval_every={self.corr_eval_every}: expected a crop >= 32 px and positive counts"
+                )
+            if self.corr_eval_every % self.log_every != 0:
+                raise ValueError(
+                    f"corr_eval_every={self.corr_eval_every} is not a multiple of log_every={self.log_every}"
+                )
+        if self.batch_size % self.bn_splits != 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split into bn_splits={self.bn_splits} equal BN groups"
+            )
+        if self.bn_splits > 1 and self.sync_bn:
+            raise ValueError(f"bn_splits={self.bn_splits} with sync_bn=True: choose split BN or SyncBN, not both")
         global_batch = self.batch_size * world_size
         if self.queue_len % global_batch != 0:
             raise ValueError(
@@ -197,14 +219,14 @@ class ResumableSampler(Sampler):
                 yield epoch, index
 
 
-def build_dataset(cfg: PretrainConfig) -> Dataset:
+def build_dataset(cfg: PretrainConfig, crop_size: int | None = None) -> Dataset:
     from densecl.datasets import build_pretrain_dataset
     from densecl.transforms import TwoViewAugmentation
 
     data = cfg.data
     base = build_pretrain_dataset(
         data.kind,
-        transform=TwoViewAugmentation(cfg.crop_size),
+        transform=TwoViewAugmentation(crop_size or cfg.crop_size),
         root=data.root,
         num_images=data.num_images,
         image_size=data.image_size,
@@ -226,6 +248,7 @@ def build_model(cfg: PretrainConfig) -> DenseCL:
         temperature=cfg.temperature,
         loss_lambda=cfg.loss_lambda,
         matching=cfg.matching,
+        bn_splits=cfg.bn_splits,
     )
 
 
@@ -352,7 +375,8 @@ def load_trained_model(checkpoint_path: str | os.PathLike) -> tuple[DenseCL, Pre
 def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     """A checkpoint from a different model or schedule cannot be continued: say which key differs."""
     current = asdict(cfg)
-    ignored = {"num_workers", "progress", "log_every", "ckpt_every", "device"}
+    # settings that change what is logged or when, never the weights
+    ignored = {"num_workers", "progress", "log_every", "ckpt_every", "device"} | CORR_EVAL_KEYS
     diffs = [
         f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}"
         for key in current
@@ -483,6 +507,11 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
+    eval_pairs = None
+    if cfg.corr_eval_crop is not None and env.is_main:
+        eval_pairs = fixed_view_pairs(build_dataset(cfg, cfg.corr_eval_crop), cfg.corr_eval_pairs)
+        if start_step == 0 and on_step is not None:
+            on_step(0, evaluate_correspondence(model, eval_pairs, device))
     progress = None
     if cfg.progress and env.is_main and start_step < total_steps:
         from tqdm.auto import tqdm
@@ -517,6 +546,8 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
                 last_metrics.update(
                     lr=optimizer.param_groups[0]["lr"], images_per_sec=window_images / elapsed, **{"lambda": lam}
                 )
+                if eval_pairs is not None and (step % cfg.corr_eval_every == 0 or step == total_steps):
+                    last_metrics.update(evaluate_correspondence(model, eval_pairs, device))
                 if on_step is not None and env.is_main:
                     on_step(step, dict(last_metrics))
                 window_start, window_images = time.perf_counter(), 0
@@ -571,5 +602,6 @@ def warn_if_queue_holds_own_keys(queue_len: int, num_images: int, num_samples: i
 
 def warn_if_cpu_amp(cfg: PretrainConfig, device: torch.device) -> None:
     if device.type != "cuda" and cfg.amp == "fp16":
-        warnings.warn(f"amp='fp16' is ignored on {device.type}: use amp='bf16' there, or fp32 (amp='none')",
-                      stacklevel=2)
+        warnings.warn(
+            f"amp='fp16' is ignored on {device.type}: use amp='bf16' there, or fp32 (amp='none')", stacklevel=2
+        )

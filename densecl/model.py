@@ -23,6 +23,7 @@ from densecl.matching import (
     geometric_match,
     random_match,
 )
+from densecl.split_bn import convert_split_batchnorm
 
 MAX_REGIONS = 16
 
@@ -74,6 +75,7 @@ class DenseCL(nn.Module):
         loss_lambda: float = 0.5,
         matching: str = "backbone",
         dense_head: bool | None = None,
+        bn_splits: int = 1,
     ):
         super().__init__()
         validate_hyperparameters(matching, loss_lambda, num_regions, queue_len, momentum, temperature)
@@ -87,11 +89,14 @@ class DenseCL(nn.Module):
         self.dense = loss_lambda > 0 if dense_head is None else dense_head
 
         self.encoder_q = Encoder(arch, feat_dim, num_regions, self.dense)
+        self.bn_splits = bn_splits
+        if bn_splits > 1:
+            convert_split_batchnorm(self.encoder_q, bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
         self._query_runner = None  # a DDP wrapper of encoder_q, set by the engine; not a submodule
-        self.shuffle_bn = True  # only acts under DDP; the engine turns it off with SyncBN
+        self.shuffle_bn = True  # acts under DDP or with bn_splits > 1; the engine turns it off with SyncBN
 
         self.register_buffer("queue_global", F.normalize(torch.randn(feat_dim, queue_len), dim=0))
         self.register_buffer("queue_global_ptr", torch.zeros((), dtype=torch.long))
@@ -142,7 +147,8 @@ class DenseCL(nn.Module):
 
         with torch.no_grad():
             self.momentum_update()
-            im_k, unshuffle = shuffle_batch(im_k) if self.shuffle_bn else (im_k, None)
+            local = self.bn_splits > 1
+            im_k, unshuffle = shuffle_batch(im_k, local) if self.shuffle_bn else (im_k, None)
             k, k_grid, k_dense = (
                 unshuffle_batch(t, unshuffle) if t is not None else None for t in self.encoder_k(im_k)
             )

@@ -38,6 +38,7 @@ PRETRAIN_METRICS = (
     "pretrain/loss",
     "pretrain/loss_dense",
     "pretrain/corr_acc",
+    "pretrain/corr_acc_eval",
     "pretrain/figure_match_precision",
 )
 
@@ -197,7 +198,10 @@ def plot_metric(table: Table, metric: str):
 
 
 # training curves drawn per row, each with the reference curve the model logs beside it (chance level)
-CURVE_METRICS = {"pretrain/corr_acc": "pretrain/corr_acc_chance"}
+CURVE_METRICS = {
+    "pretrain/corr_acc": "pretrain/corr_acc_chance",
+    "pretrain/corr_acc_eval": "pretrain/corr_acc_eval_chance",  # fixed pairs at pretrain.corr_eval_crop
+}
 
 
 def metric_histories(tracker: Tracker, table: Table, metric: str) -> dict[str, list[tuple[list[int], list[float]]]]:

@@ -119,6 +119,10 @@ class PretrainSchema:
     channels_last: bool = True
     sync_bn: bool = False
     shuffle_bn: bool = True
+    bn_splits: int = 1  # BN groups per process: emulates the paper's per-GPU BN (and shuffle-BN) in one process
+    corr_eval_crop: int | None = None  # correspondence accuracy on fixed view pairs at this crop (e.g. 160)
+    corr_eval_pairs: int = 64
+    corr_eval_every: int = 100  # a multiple of log_every
     deterministic: bool = False
     ckpt_every: int = 1000
     log_every: int = 10
@@ -314,6 +318,10 @@ def pretrain_config(cfg: DictConfig):
         channels_last=pre.channels_last,
         sync_bn=pre.sync_bn,
         shuffle_bn=pre.shuffle_bn,
+        bn_splits=pre.bn_splits,
+        corr_eval_crop=pre.corr_eval_crop,
+        corr_eval_pairs=pre.corr_eval_pairs,
+        corr_eval_every=pre.corr_eval_every,
         seed=cfg.seed,
         deterministic=pre.deterministic,
         ckpt_every=pre.ckpt_every,

@@ -31,8 +31,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str) ->
         built.append(build_model(cfg))
         return built[-1]
 
-    def counting_shuffle(x):
-        shuffled, unshuffle = shuffle_batch(x)
+    def counting_shuffle(x, local=False):
+        shuffled, unshuffle = shuffle_batch(x, local)
         shuffles.append(unshuffle is not None and not torch.equal(shuffled, x))
         return shuffled, unshuffle
 

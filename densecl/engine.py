@@ -28,6 +28,7 @@ from densecl.correspondence_eval import evaluate_correspondence, fixed_view_pair
 from densecl.distributed import init_distributed
 from densecl.export import backbone_state_dict, save_backbone
 from densecl.model import DenseCL, validate_hyperparameters
+from densecl.saved_config import with_defaults
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.pth"
@@ -374,6 +375,7 @@ def load_trained_model(checkpoint_path: str | os.PathLike) -> tuple[DenseCL, Pre
 
 def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     """A checkpoint from a different model or schedule cannot be continued: say which key differs."""
+    saved = with_defaults(saved, PretrainConfig)
     current = asdict(cfg)
     # settings that change what is logged or when, never the weights
     ignored = {"num_workers", "progress", "log_every", "ckpt_every", "device"} | CORR_EVAL_KEYS

@@ -126,6 +126,24 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
         pretrain(tiny_config(iters=2, matching="random"), tmp_path)
 
 
+def test_a_checkpoint_from_before_a_new_option_resumes_as_its_default(tmp_path):
+    """Options added later (bn_splits, corr_eval_*) are absent from older checkpoints: those runs had the
+    default, so they resume; a saved value that differs is still refused."""
+    stops = iter([False, True])
+    pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path, should_stop=lambda: next(stops, False))
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    for key in ("bn_splits", "corr_eval_crop", "corr_eval_pairs", "corr_eval_every"):
+        del state["config"][key]
+    torch.save(state, path)
+    assert pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path).iterations == 4
+    state = load_checkpoint(path)
+    state["config"]["bn_splits"] = 2
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="bn_splits: checkpoint 2 vs now 1"):
+        pretrain(tiny_config(iters=6, ckpt_every=100), tmp_path)
+
+
 def test_length_in_epochs(tmp_path):
     steps = []
     result = pretrain(tiny_config(iters=None, epochs=2), tmp_path, on_step=lambda s, m: steps.append(s))

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from densecl.files import write_json
+from densecl.saved_config import with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -263,12 +264,12 @@ def transfer_trainer_class():
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _check_resumable(output_dir: Path, config: dict, weights: str | None) -> None:
+def _check_resumable(output_dir: Path, config: dict, weights: str | None, config_class: type) -> None:
     saved_file = output_dir / "stage_config.json"
     if not saved_file.is_file():
         return
     saved_all = json.loads(saved_file.read_text())
-    saved = saved_all["config"]
+    saved = with_defaults(saved_all["config"], config_class)  # fields added since: the default
     if saved_all.get("weights") != weights:
         logger.warning(
             "%s started from weights %s; continuing it, so the weights given now (%s) are not used",
@@ -309,7 +310,7 @@ def run_stage(trainer_cls_name: str, cfg: StageConfig, weights: str | None, outp
     output_dir = Path(output_dir).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.to_dict()
-    _check_resumable(output_dir, config, None if weights is None else str(weights))
+    _check_resumable(output_dir, config, None if weights is None else str(weights), type(cfg))
     metrics_file = output_dir / "metrics.json"
     if metrics_file.is_file() and (output_dir / "model_final.pth").is_file():
         logger.info("%s: finished earlier; returning its metrics.json", output_dir)

@@ -1,0 +1,31 @@
+"""Reading a configuration saved by an earlier version of the code, to decide whether a run may resume.
+
+A field added since was not saved; the earlier run behaved as that field's default, so the saved config
+is compared as if it held the default. Without this, every new option would make every older run folder
+un-resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def field_defaults(cls) -> dict:
+    """Each field of dataclass `cls` with a default, as `dataclasses.asdict` writes it (tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def with_defaults(saved: dict, cls) -> dict:
+    """`saved` with the fields it lacks filled from `cls`'s defaults (its own values win)."""
+    return {**field_defaults(cls), **saved}

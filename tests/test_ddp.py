@@ -16,7 +16,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str) -> None:
+def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn_splits: int = 1) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -41,7 +41,7 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str) ->
     cfg = PretrainConfig(
         arch="resnet18", crop_size=64, batch_size=4, queue_len=16, iters=3, epochs=None, num_workers=0,
         data=DataConfig(kind="synthetic", num_images=32, image_size=64), progress=False, device="cpu",
-        ckpt_every=100, log_every=1,
+        ckpt_every=100, log_every=1, bn_splits=bn_splits,
     )
     result = engine.pretrain(cfg, out_dir)
     model = built[0]
@@ -56,10 +56,11 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str) ->
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_in_lockstep_with_shuffle_bn(tmp_path):
+@pytest.mark.parametrize("bn_splits", [1, 2])  # 2: split BN inside each rank as well as shuffle-BN across them
+def test_two_gloo_processes_train_in_lockstep_with_shuffle_bn(tmp_path, bn_splits):
     out, reports = tmp_path / "run", tmp_path / "reports"
     reports.mkdir()
-    mp.spawn(run_rank, args=(2, free_port(), str(out), str(reports)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, free_port(), str(out), str(reports), bn_splits), nprocs=2, join=True)
     r0, r1 = (torch.load(reports / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["completed"] and r1["completed"]
     assert len(r0["shuffled"]) == 3 and all(r0["shuffled"])  # the key batch really was redistributed

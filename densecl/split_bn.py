@@ -30,8 +30,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if x.shape[0] % self.num_splits != 0:
             raise ValueError(f"a batch of {x.shape[0]} does not split into bn_splits={self.num_splits} equal BN groups")
         momentum = 0.1 if self.momentum is None else self.momentum
+        chunks = x.chunk(self.num_splits)
+        if self.running_mean is None:  # track_running_stats=False: nothing to update
+            return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks])
         outs, means, variances = [], [], []
-        for chunk in x.chunk(self.num_splits):
+        for chunk in chunks:
             mean, var = self.running_mean.clone(), self.running_var.clone()
             outs.append(F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum, self.eps))
             means.append(mean)
@@ -51,10 +54,17 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             split = SplitBatchNorm2d(
-                child.num_features, num_splits, eps=child.eps, momentum=child.momentum, affine=child.affine
+                child.num_features,
+                num_splits,
+                eps=child.eps,
+                momentum=child.momentum,
+                affine=child.affine,
+                track_running_stats=child.track_running_stats,
             )
             split.load_state_dict(child.state_dict())
-            split.to(device=child.weight.device, dtype=child.weight.dtype)
+            tensors = list(child.state_dict().values())
+            if tensors:
+                split.to(tensors[0].device)
             setattr(module, name, split)
         else:
             convert_split_batchnorm(child, num_splits)

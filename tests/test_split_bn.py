@@ -56,6 +56,15 @@ def test_evaluation_is_plain_batchnorm():
     torch.testing.assert_close(split.eval()(x), plain.eval()(x))
 
 
+def test_without_running_statistics_each_group_is_still_normalised_alone():
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    split = convert_split_batchnorm(nn.Sequential(plain), 2)[0]
+    assert isinstance(split, SplitBatchNorm2d) and split.running_mean is None
+    x = torch.randn(4, 3, 3, 3) * torch.tensor([1.0, 1, 4, 4]).view(4, 1, 1, 1)
+    torch.testing.assert_close(split(x), reference_group_norm(x, torch.ones(3), torch.zeros(3), split.eps, 2))
+
+
 def test_a_batch_that_does_not_split_evenly_is_a_clear_error():
     with pytest.raises(ValueError, match="batch of 6 does not split into bn_splits=4"):
         SplitBatchNorm2d(3, 4)(torch.randn(6, 3, 2, 2))

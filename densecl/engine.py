@@ -7,6 +7,7 @@ does not hold: each sample's augmentation is seeded from (seed, epoch, index), t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -220,20 +221,29 @@ class ResumableSampler(Sampler):
                 yield epoch, index
 
 
-def build_dataset(cfg: PretrainConfig, crop_size: int | None = None) -> Dataset:
+def build_dataset(cfg: PretrainConfig) -> SeededViews:
     from densecl.datasets import build_pretrain_dataset
     from densecl.transforms import TwoViewAugmentation
 
     data = cfg.data
     base = build_pretrain_dataset(
         data.kind,
-        transform=TwoViewAugmentation(crop_size or cfg.crop_size),
+        transform=TwoViewAugmentation(cfg.crop_size),
         root=data.root,
         num_images=data.num_images,
         image_size=data.image_size,
         seed=data.seed,
     )
     return SeededViews(base, cfg.seed)
+
+
+def with_view_size(dataset: SeededViews, crop_size: int) -> SeededViews:
+    """The same images with views of another size, sharing the file list: no second walk of a large folder."""
+    from densecl.transforms import TwoViewAugmentation
+
+    base = copy.copy(dataset.base)
+    base.transform = TwoViewAugmentation(crop_size)
+    return SeededViews(base, dataset.seed)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -511,7 +521,7 @@ def _pretrain(cfg, out_dir, device, env, on_step, should_stop) -> PretrainResult
     )
     eval_pairs = None
     if cfg.corr_eval_crop is not None and env.is_main:
-        eval_pairs = fixed_view_pairs(build_dataset(cfg, cfg.corr_eval_crop), cfg.corr_eval_pairs)
+        eval_pairs = fixed_view_pairs(with_view_size(dataset, cfg.corr_eval_crop), cfg.corr_eval_pairs)
         if start_step == 0 and on_step is not None:
             on_step(0, evaluate_correspondence(model, eval_pairs, device))
     progress = None

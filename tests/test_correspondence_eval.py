@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from densecl.correspondence_eval import ViewPairs, evaluate_correspondence, fixed_view_pairs
-from densecl.engine import build_dataset, build_model, load_checkpoint, pretrain
+from densecl.datasets import UnlabeledImageFolder
+from densecl.engine import (
+    DataConfig,
+    PretrainConfig,
+    build_dataset,
+    build_model,
+    load_checkpoint,
+    pretrain,
+    with_view_size,
+)
 from densecl.matching import geometric_match
 from tests.test_engine import tiny_config
 
@@ -38,7 +47,7 @@ def model_and_pairs():
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
-    pairs = fixed_view_pairs(build_dataset(cfg, crop_size=160), 6)
+    pairs = fixed_view_pairs(with_view_size(build_dataset(cfg), 160), 6)
     return model, pairs
 
 
@@ -68,10 +77,25 @@ def test_geometric_matching_is_always_right_and_random_draws_leave_training_rng_
 
 def test_pairs_are_the_same_at_every_call():
     cfg = tiny_config()
-    a = fixed_view_pairs(build_dataset(cfg, crop_size=96), 3)
-    b = fixed_view_pairs(build_dataset(cfg, crop_size=96), 3)
+    a = fixed_view_pairs(with_view_size(build_dataset(cfg), 96), 3)
+    b = fixed_view_pairs(with_view_size(build_dataset(cfg), 96), 3)
     assert a.views.shape == (3, 2, 3, 96, 96)
     assert torch.equal(a.views, b.views) and torch.equal(a.boxes, b.boxes)
+
+
+def test_evaluation_views_reuse_the_training_file_list(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (80, 60), (40 * i, 10, 200)).save(tmp_path / f"{i}.png")
+    cfg = PretrainConfig(data=DataConfig(kind="image_folder", root=str(tmp_path)), crop_size=32)
+    training = build_dataset(cfg)
+    walks = []
+    monkeypatch.setattr(UnlabeledImageFolder, "__init__", lambda *a, **k: walks.append(a))
+    evaluation = with_view_size(training, 48)
+    assert walks == []  # no second walk of the folder
+    assert evaluation.base._relative_paths is training.base._relative_paths
+    assert evaluation[(0, 1)][0].shape[-1] == 48 and training[(0, 1)][0].shape[-1] == 32
 
 
 def test_engine_logs_the_curve_from_iteration_zero_and_keeps_the_weights(tmp_path):

@@ -29,7 +29,7 @@ from densecl.correspondence_eval import evaluate_correspondence, fixed_view_pair
 from densecl.distributed import init_distributed
 from densecl.export import backbone_state_dict, save_backbone
 from densecl.model import DenseCL, validate_hyperparameters
-from densecl.saved_config import with_defaults
+from densecl.saved_config import changed_settings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.pth"
@@ -385,14 +385,11 @@ def load_trained_model(checkpoint_path: str | os.PathLike) -> tuple[DenseCL, Pre
 
 def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     """A checkpoint from a different model or schedule cannot be continued: say which key differs."""
-    saved = with_defaults(saved, PretrainConfig)
-    current = asdict(cfg)
     # settings that change what is logged or when, never the weights
     ignored = {"num_workers", "progress", "log_every", "ckpt_every", "device"} | CORR_EVAL_KEYS
     diffs = [
-        f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}"
-        for key in current
-        if key not in ignored and saved.get(key) != current[key]
+        f"{key}: checkpoint {before!r} vs now {now!r}"
+        for key, before, now in changed_settings(saved, asdict(cfg), PretrainConfig, ignored)
     ]
     if diffs:
         raise ValueError(

@@ -29,3 +29,15 @@ def field_defaults(cls) -> dict:
 def with_defaults(saved: dict, cls) -> dict:
     """`saved` with the fields it lacks filled from `cls`'s defaults (its own values win)."""
     return {**field_defaults(cls), **saved}
+
+
+def changed_settings(saved: dict, current: dict, cls, ignored: set[str] | frozenset[str] = frozenset()) -> list:
+    """(key, saved value, current value) for each setting outside `ignored` that differs, sorted by key.
+
+    Fields added since the save count as their defaults (`with_defaults`)."""
+    saved = with_defaults(saved, cls)
+    return [
+        (key, saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if key not in ignored and saved.get(key) != current.get(key)
+    ]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from densecl.engine import PretrainConfig
-from densecl.saved_config import field_defaults, with_defaults
+from densecl.saved_config import changed_settings, field_defaults, with_defaults
 from densecl.transfer.engine import StageConfig, _check_resumable
 from densecl.transfer.segmentation import SegmentationConfig
 
@@ -19,6 +19,13 @@ def test_field_defaults_are_what_asdict_writes():
 def test_saved_values_win_over_defaults():
     assert with_defaults({"bn_splits": 4}, PretrainConfig)["bn_splits"] == 4
     assert with_defaults({}, PretrainConfig)["corr_eval_crop"] is None
+
+
+def test_changed_settings_lists_differences_in_key_order_and_skips_ignored_keys():
+    current = {**field_defaults(PretrainConfig), "seed": 3, "log_every": 7, "bn_splits": 2}
+    saved = {key: value for key, value in field_defaults(PretrainConfig).items() if key != "bn_splits"}
+    assert changed_settings(saved, current, PretrainConfig, {"log_every"}) == [("bn_splits", 1, 2), ("seed", 0, 3)]
+    assert changed_settings(saved, field_defaults(PretrainConfig), PretrainConfig) == []
 
 
 def write_stage_config(folder, config):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from densecl.files import write_json
-from densecl.saved_config import with_defaults
+from densecl.saved_config import changed_settings
 
 logger = logging.getLogger(__name__)
 
@@ -269,15 +269,14 @@ def _check_resumable(output_dir: Path, config: dict, weights: str | None, config
     if not saved_file.is_file():
         return
     saved_all = json.loads(saved_file.read_text())
-    saved = with_defaults(saved_all["config"], config_class)  # fields added since: the default
     if saved_all.get("weights") != weights:
         logger.warning(
             "%s started from weights %s; continuing it, so the weights given now (%s) are not used",
             output_dir, saved_all.get("weights"), weights,
         )  # fmt: skip
-    changed = sorted(k for k in set(saved) | set(config) if k not in RUNTIME_FIELDS and saved.get(k) != config.get(k))
+    changed = changed_settings(saved_all["config"], config, config_class, RUNTIME_FIELDS)
     if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        diff = ", ".join(f"{key}: {before!r} -> {now!r}" for key, before, now in changed)
         raise ValueError(
             f"{output_dir} holds a run with another config ({diff}); resuming it would mix the two. "
             "Use a new output folder, or delete this one to start over."

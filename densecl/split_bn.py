@@ -62,9 +62,9 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
                 track_running_stats=child.track_running_stats,
             )
             split.load_state_dict(child.state_dict())
-            tensors = list(child.state_dict().values())
-            if tensors:
-                split.to(tensors[0].device)
+            floating = [t for t in child.state_dict().values() if t.is_floating_point()]
+            if floating:  # keep the layer's device and dtype (a BN without affine or statistics has none)
+                split.to(device=floating[0].device, dtype=floating[0].dtype)
             setattr(module, name, split)
         else:
             convert_split_batchnorm(child, num_splits)

@@ -65,6 +65,12 @@ def test_without_running_statistics_each_group_is_still_normalised_alone():
     torch.testing.assert_close(split(x), reference_group_norm(x, torch.ones(3), torch.zeros(3), split.eps, 2))
 
 
+def test_conversion_keeps_the_layers_dtype():
+    split = convert_split_batchnorm(nn.Sequential(nn.BatchNorm2d(3).to(torch.bfloat16)), 2)[0]
+    assert split.weight.dtype == split.running_mean.dtype == torch.bfloat16
+    assert split.num_batches_tracked.dtype == torch.int64
+
+
 def test_a_batch_that_does_not_split_evenly_is_a_clear_error():
     with pytest.raises(ValueError, match="batch of 6 does not split into bn_splits=4"):
         SplitBatchNorm2d(3, 4)(torch.randn(6, 3, 2, 2))

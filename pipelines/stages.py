@@ -2,9 +2,11 @@
 seg_cityscapes -> probe (those `cfg.stages` names, always in this order).
 
 Each stage works in `<job folder>/<stage>/`. When it finishes it writes `metrics.json` and then the marker
-`DONE.json` (metrics, duration); a stage whose marker exists is skipped, so a rerun redoes nothing. An
-interrupted stage has no marker and starts again in the same folder, where the engine (and each transfer
-stage) resumes from its own checkpoint.
+`DONE.json` (metrics, duration, the settings its result depends on); a stage whose marker exists is skipped,
+so a rerun redoes nothing. A marker whose settings differ from the current config stops the job instead
+(`stage_settings`): its figures would be reported under settings they were not made with. An interrupted
+stage has no marker and starts again in the same folder, where the engine (and each transfer stage) resumes
+from its own checkpoint.
 
 Weights flow: pretrain writes `pretrain/backbone.pth` (torchvision names); `pretrain.weights=PATH` replaces
 it with the user's file; model=random_init has none (downstream stages start from random weights).
@@ -14,6 +16,7 @@ Pre-training uses every process of the job; the other stages run on global rank 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -24,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from densecl.files import write_json
 from pipelines import schema
 from pipelines.launching import is_global_rank_zero
-from pipelines.tracking import RunLogger
+from pipelines.tracking import RunLogger, flatten
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,58 @@ def read_done(stage_dir: Path) -> dict | None:
         return None
 
 
+# Settings that change neither what a stage computes nor its result (as conf/hydra/densecl.yaml leaves them
+# out of folder names): a rerun may change them freely.
+UNCHECKED_SETTINGS = (
+    "pretrain.num_workers",
+    "pretrain.progress",
+    "pretrain.ckpt_every",
+    "pretrain.log_every",
+    "pretrain.figure.*",
+    "downstream.*.num_workers",
+    "downstream.*.log_period",
+    "downstream.*.eval_period",
+    "downstream.*.checkpoint_period",
+)
+
+
+def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
+    """The config keys a stage's result depends on, flattened (`pretrain.base_lr`: "0.03"), as saved in its
+    DONE.json. A downstream stage depends on the pre-training too, except from random init."""
+    sections = ["seed", "backbone", "model"]
+    if cfg.model.name != schema.ModelName.random_init:
+        sections += ["matching", "data", "pretrain"]
+    if stage in schema.DOWNSTREAM_STAGES:
+        sections.append(f"downstream.{stage}")
+        if cfg.downstream[stage].get("preset") == "synthetic":
+            sections.append("downstream.synthetic")
+    tree = {}
+    for key in sections:
+        value = OmegaConf.select(cfg, key)
+        is_section = OmegaConf.is_config(value)
+        tree[key] = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if is_section else value
+    flat = flatten(tree)
+    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in UNCHECKED_SETTINGS)}
+
+
+def check_done_settings(stage: str, stage_dir: Path, done: dict, current: dict[str, str]) -> None:
+    """Refuse to skip a finished stage whose saved settings differ from the current ones.
+
+    Only keys both hold are compared: a key added to the config since the stage ran took its default then
+    (the convention for new options), and a marker written before settings were saved has none to compare.
+    """
+    saved = done.get("settings") or {}
+    changed = [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+    if changed:
+        shown = "; ".join(f"{k}: {old} when it ran, {new} now" for k, old, new in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise StageError(
+            f"stage {stage} in {stage_dir} finished with other settings: {shown}{more}. Its results would be "
+            f"reported under settings they were not made with. Run under another name= (a new folder), or "
+            f"move {stage_dir} away to redo the stage here"
+        )
+
+
 def planned_stages(cfg: DictConfig) -> list[str]:
     """The stages this job runs, in pipeline order (random init has nothing to pre-train or convert)."""
     chosen = set(cfg.stages)
@@ -80,7 +135,9 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
         if stage != "pretrain" and not rank_zero:
             continue
         done = job.done(stage)
+        settings = stage_settings(cfg, stage)
         if done is not None:
+            check_done_settings(stage, job.stage_dir(stage), done, settings)
             log.info("stage %s: already done in %s, skipping", stage, job.stage_dir(stage))
             tracking.final_metrics(stage, done["metrics"], only_missing=True)
             results[stage] = done["metrics"]
@@ -95,7 +152,8 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
             tracking.final_metrics(stage, {**metrics, "seconds": seconds})
             tracking.artifact(job.stage_dir(stage) / METRICS, stage)
             write_json(
-                job.stage_dir(stage) / DONE, {"metrics": metrics, "seconds": seconds, "finished": time.time()}
+                job.stage_dir(stage) / DONE,
+                {"metrics": metrics, "seconds": seconds, "finished": time.time(), "settings": settings},
             )
         log.info("stage %s: done in %.0f s: %s", stage, seconds, _fmt(metrics))
         results[stage] = metrics

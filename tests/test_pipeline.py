@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from pipelines import report
 from pipelines.preemption import GracefulStop
 from pipelines.schema import pretrain_config
-from pipelines.stages import DONE, planned_stages, run_stages
+from pipelines.stages import DONE, StageError, planned_stages, run_stages, stage_settings
 from pipelines.tracking import PARENT_TAG, RunLogger, Tracker
 
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")
@@ -266,3 +266,31 @@ def test_an_image_folder_reaches_the_engine_and_the_figure(tmp_path):
     assert (data.kind, data.root) == ("image_folder", str(tmp_path / "imgs"))
     images = _figure_images(cfg, 2)
     assert [im.size for im in images] == [(48, 40), (48, 40)]
+
+
+def test_stage_settings_hold_what_the_result_depends_on():
+    cfg = compose_cfg("stages=[pretrain,probe]")
+    probe = stage_settings(cfg, "probe")
+    assert probe["downstream.probe.epochs"] == str(cfg.downstream.probe.epochs)
+    assert probe["pretrain.base_lr"] == str(cfg.pretrain.base_lr)  # the probed backbone's own settings
+    assert "pretrain.num_workers" not in probe and "pretrain.figure.threshold" not in probe
+    assert not any(k.startswith("downstream.seg_voc") for k in probe)
+    assert "downstream.probe.epochs" not in stage_settings(cfg, "pretrain")
+    random_init = stage_settings(compose_cfg("model=random_init"), "probe")
+    assert "pretrain.base_lr" not in random_init and "downstream.probe.epochs" in random_init
+
+
+def test_a_finished_stage_with_other_settings_stops_the_rerun_instead_of_being_skipped(tmp_path):
+    tiny = [*TINY, "model=random_init", "stages=[probe]", "tracking=disabled", f"paths.output_dir={tmp_path}"]
+    job = tmp_path / "job"
+    first = run_stages(compose_cfg(*tiny), job, RunLogger())
+    done = json.loads((job / "probe" / DONE).read_text())
+    assert done["settings"]["downstream.probe.epochs"] == "1"
+    # random init has no pre-training: its settings are not among the probe's, so the stage is skipped
+    assert run_stages(compose_cfg(*tiny, "pretrain.base_lr=0.5"), job, RunLogger()) == first
+    with pytest.raises(StageError, match=r"downstream\.probe\.epochs: 1 when it ran, 2 now.*another name="):
+        run_stages(compose_cfg(*tiny, "downstream.probe.epochs=2"), job, RunLogger())
+    assert json.loads((job / "probe" / DONE).read_text()) == done  # nothing overwritten
+    # a marker from before settings were saved cannot be checked: skipped, as it always was
+    (job / "probe" / DONE).write_text(json.dumps({k: v for k, v in done.items() if k != "settings"}))
+    assert run_stages(compose_cfg(*tiny, "downstream.probe.epochs=2"), job, RunLogger()) == first

@@ -32,7 +32,6 @@ from pipelines.tracking import Tracker, read_run_id
 
 log = logging.getLogger("pipelines.report")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mAcc", "pAcc")
 PRETRAIN_METRICS = (
     "pretrain/loss",
@@ -282,7 +281,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=True)
 
 

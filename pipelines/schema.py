@@ -26,6 +26,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
 DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")

@@ -17,6 +17,7 @@ Pre-training uses every process of the job; the other stages run on global rank 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import math
@@ -66,19 +67,12 @@ def read_done(stage_dir: Path) -> dict | None:
         return None
 
 
-# Settings that change neither what a stage computes nor its result (as conf/hydra/densecl.yaml leaves them
-# out of folder names): a rerun may change them freely.
-UNCHECKED_SETTINGS = (
-    "pretrain.num_workers",
-    "pretrain.progress",
-    "pretrain.ckpt_every",
-    "pretrain.log_every",
-    "pretrain.figure.*",
-    "downstream.*.num_workers",
-    "downstream.*.log_period",
-    "downstream.*.eval_period",
-    "downstream.*.checkpoint_period",
-)
+@functools.cache
+def unchecked_settings() -> tuple[str, ...]:
+    """Patterns of the keys that change no result: those conf/hydra/densecl.yaml leaves out of folder names
+    (`pretrain.num_workers`, `downstream.*.log_period`, ...). A rerun may change them freely."""
+    hydra_cfg = OmegaConf.load(schema.CONF_DIR / "hydra" / "densecl.yaml")
+    return tuple(hydra_cfg.job.config.override_dirname.exclude_keys)
 
 
 def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
@@ -97,7 +91,7 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
         is_section = OmegaConf.is_config(value)
         tree[key] = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if is_section else value
     flat = flatten(tree)
-    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in UNCHECKED_SETTINGS)}
+    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in unchecked_settings())}
 
 
 def check_done_settings(stage: str, stage_dir: Path, done: dict, current: dict[str, str]) -> None:

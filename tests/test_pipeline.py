@@ -81,10 +81,14 @@ def runs_of(out: Path, experiment: str = "default") -> list:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, request):
+    """A two-job sweep, shared by this module's tests; its ~1 GB is removed after them unless one failed."""
     out = tmp_path_factory.mktemp("sweep")
+    failed_before = request.session.testsfailed
     run_cli(out, "-m", "seed=0,1", f"stages=[{','.join(STAGES)}]")
-    return out
+    yield out
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def job_dirs(out: Path) -> list[Path]:

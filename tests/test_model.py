@@ -1,5 +1,7 @@
 """The DenseCL builder: encoders, momentum, queues, regions, matching inside the model, MoCo v2 as lambda = 0."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +178,72 @@ def test_init_is_kaiming_fan_in():
     lin = m.encoder_q.global_head.mlp[0]
     assert lin.weight.std().item() == pytest.approx((2.0 / 2048) ** 0.5, rel=0.05)
     assert torch.count_nonzero(lin.bias) == 0
+
+
+def reference_losses(enc_q, enc_k, im_q, im_k, queue_global, queue_dense, lam, tau=0.2):
+    """A slow, plain-autograd DenseCL loss from the spec (cross-entropy per image and per grid cell), built
+    on the encoders' modules only: no custom autograd, no batched matching."""
+    c5_q = enc_q.backbone(im_q)
+    q = F.normalize(enc_q.global_head(c5_q), dim=1)
+    with torch.no_grad():
+        c5_k = enc_k.backbone(im_k)
+        k = F.normalize(enc_k.global_head(c5_k), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue_global], 1) / tau
+    loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    if lam == 0:
+        return loss, k, None
+    r = F.normalize(enc_q.dense_head(c5_q).flatten(2), dim=1)  # (N, D, P)
+    with torch.no_grad():
+        t = F.normalize(enc_k.dense_head(c5_k).flatten(2), dim=1)
+        fq, fk = F.normalize(c5_q.flatten(2), dim=1), F.normalize(c5_k.flatten(2), dim=1)
+        pooled = F.normalize(enc_k.dense_head(c5_k).mean(dim=(2, 3)), dim=1)
+    cell_losses = []
+    for n in range(r.shape[0]):
+        for i in range(r.shape[2]):
+            j = int(torch.argmax(fk[n].T @ fq[n, :, i]))  # the key cell most similar in backbone features
+            row = torch.cat([(r[n, :, i] @ t[n, :, j]).view(1), r[n, :, i] @ queue_dense]) / tau
+            cell_losses.append(F.cross_entropy(row.view(1, -1), torch.zeros(1, dtype=torch.long)))
+    return (1 - lam) * loss + lam * torch.stack(cell_losses).mean(), k, pooled
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_training_steps_match_a_plain_autograd_reference(lam):
+    """Three SGD steps of the model against the reference loss with a hand-written momentum update and
+    queue: the weights, key encoder and queues must agree. The model runs in float64 but forms its losses in
+    float32 (as under autocast), hence float32 tolerances; a wrong term moves the weights by far more."""
+    torch.manual_seed(0)
+    m = DenseCL(arch="resnet18", queue_len=8, momentum=0.9, loss_lambda=lam).double()
+    enc_q, enc_k = copy.deepcopy(m.encoder_q), copy.deepcopy(m.encoder_k)
+    queue_global = m.queue_global.clone()
+    queue_dense = m.queue_dense.clone() if lam > 0 else None
+    opt = torch.optim.SGD(m.encoder_q.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ref_opt = torch.optim.SGD(enc_q.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for step in range(3):
+        # the key view mirrors the query view, so that matching has to pick other cells than the identity
+        im_q = torch.randn(4, 3, 96, 96, dtype=torch.float64)
+        im_k = im_q.flip(-1) + 0.1 * torch.randn_like(im_q)
+        out = m(im_q, im_k, full_boxes(4, 96).double(), no_flips(4))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+
+        with torch.no_grad():
+            for pk, pq in zip(enc_k.parameters(), enc_q.parameters(), strict=True):
+                pk.copy_(0.9 * pk + 0.1 * pq)
+        loss, k, pooled = reference_losses(enc_q, enc_k, im_q, im_k, queue_global, queue_dense, lam)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        start = (step * 4) % 8
+        queue_global[:, start:start + 4] = k.T
+        if lam > 0:
+            queue_dense[:, start:start + 4] = pooled.T
+
+        torch.testing.assert_close(out["loss"].detach().double(), loss.detach(), rtol=1e-6, atol=1e-6)
+    for (name, p), ref in zip(m.encoder_q.named_parameters(), enc_q.parameters(), strict=True):
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6, msg=name)
+    for p, ref in zip(m.encoder_k.parameters(), enc_k.parameters(), strict=True):
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.queue_global, queue_global, rtol=1e-5, atol=1e-6)
+    if lam > 0:
+        torch.testing.assert_close(m.queue_dense, queue_dense, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from densecl.probe import load_frozen_backbone
+from densecl.probe import extract, load_frozen_backbone
 from densecl.synthetic import VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import TwoViewAugmentation
 
@@ -48,10 +48,8 @@ def make_views(num_scenes: int, crop: int, image_size: int, data_seed: int, view
     return torch.stack(first), torch.stack(second)
 
 
-@torch.no_grad()
-def pooled_features(trunk: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    return F.normalize(torch.cat([trunk(images[i:i + batch]).mean(dim=(2, 3)) for i in range(0, len(images), batch)]),
-                       dim=1)
+def pooled_features(trunk: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(extract(trunk, images, "c5", torch.device("cpu")).mean(dim=(2, 3)), dim=1)
 
 
 def view_retrieval(first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:

@@ -8,23 +8,40 @@ pretrain_throughput.py builds its single run with `build_run` too.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-from densecl.engine import PretrainConfig, autocast_dtype, build_model, build_optimizer, train_step, uses_channels_last
+from densecl.config import BackboneConfig, ModelConfig, PretrainConfig, TrainingConfig
+from densecl.distributed import DistEnv
+from densecl.engine import build_model
+from densecl.optim import build_optimizer, build_scheduler
+from densecl.trainer import Trainer, autocast_dtype
 
 
-def build_run(cfg: PretrainConfig, device: torch.device) -> tuple:
-    """(cfg, model, optimizer, grad scaler) ready for `train_step`, laid out as the engine lays them out."""
-    model = build_model(cfg).to(device)
-    if uses_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
+def bench_config(arch: str, size: int, batch: int, queue_len: int, loss_lambda: float = 0.5,
+                 **pretrain) -> PretrainConfig:
+    """A one-process run of `arch` at `size` px; keyword arguments are `pretrain` section fields."""
+    train = {"iters": 1, "epochs": None, **pretrain}
+    return PretrainConfig(
+        backbone=BackboneConfig(arch=arch),
+        model=ModelConfig(loss_lambda=loss_lambda),
+        pretrain=TrainingConfig(crop_size=size, batch_size=batch, queue_len=queue_len, **train),
+    )
+
+
+def build_run(cfg: PretrainConfig, device: torch.device) -> Trainer:
+    """A Trainer laid out as the engine lays it out, to step by hand with `run_step` (no loader, no hooks)."""
+    env = DistEnv(rank=0, world_size=1, local_rank=0)
+    model = build_model(cfg, env, device)
     optimizer = build_optimizer(cfg, model, world_size=1)
+    scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.pretrain.iters or 1, steps_per_epoch=1)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-    return cfg, model, optimizer, scaler
+    model.train()
+    return Trainer(model, optimizer, scheduler, scaler, cfg, device, env, cfg.pretrain.iters or 1, Path("unused"))
 
 
-def time_alternately(runs: dict[str, tuple], batch: int, size: int, device: torch.device, warmup: int,
+def time_alternately(runs: dict[str, Trainer], batch: int, size: int, device: torch.device, warmup: int,
                      iters: int) -> dict[str, list[float]]:
     """Seconds per step of each run after `warmup` untimed rounds, on one fixed batch of random views."""
     views = torch.randn(batch, 2, 3, size, size, device=device)
@@ -32,11 +49,11 @@ def time_alternately(runs: dict[str, tuple], batch: int, size: int, device: torc
     flips = torch.zeros(batch, 2, dtype=torch.bool, device=device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + iters):
-        for name, (cfg, model, optimizer, scaler) in runs.items():
+        for name, trainer in runs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, loss_lambda=cfg.loss_lambda)
+            trainer.run_step(views, boxes, flips)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:

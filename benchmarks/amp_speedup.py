@@ -13,9 +13,7 @@ import argparse
 import statistics
 
 import torch
-from alternating_steps import build_run, time_alternately
-
-from densecl.engine import PretrainConfig
+from alternating_steps import bench_config, build_run, time_alternately
 
 
 def main() -> None:
@@ -32,10 +30,8 @@ def main() -> None:
 
     runs = {}
     for amp in ("none", "bf16"):
-        cfg = PretrainConfig(arch=args.arch, queue_len=args.queue_len, batch_size=args.batch, crop_size=args.size,
-                             amp=amp, channels_last=True, iters=1, epochs=None)
-        torch.manual_seed(0)
-        runs[amp] = build_run(cfg, device)
+        cfg = bench_config(args.arch, args.size, args.batch, args.queue_len, amp=amp, channels_last=True)
+        runs[amp] = build_run(cfg, device)  # the same initial weights for both (drawn from the config's seed)
     times = time_alternately(runs, args.batch, args.size, device, args.warmup, args.iters)
     fp32, bf16 = statistics.median(times["none"]), statistics.median(times["bf16"])
     print(f"{args.arch} {args.size}px batch {args.batch} queue {args.queue_len} on {device}, "

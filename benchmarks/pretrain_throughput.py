@@ -13,16 +13,12 @@ import argparse
 import time
 
 import torch
-from alternating_steps import build_run
+from alternating_steps import bench_config, build_run
 from torch.utils.data import DataLoader
 
-from densecl.engine import (
-    DataConfig,
-    PretrainConfig,
-    ResumableSampler,
-    build_dataset,
-    train_step,
-)
+from densecl.config import DataConfig
+from densecl.distributed import resolve_device
+from densecl.sampling import ResumableSampler, build_dataset
 
 
 def measure(step, batches, warmup: int, device: torch.device, batch: int) -> float:
@@ -57,24 +53,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     data = (
         DataConfig(kind="synthetic", num_images=args.batch * (args.iters + args.warmup), image_size=max(160, args.size))
         if args.source == "synthetic"
         else DataConfig(kind="image_folder", root=args.source)
     )
-    cfg = PretrainConfig(
-        arch=args.arch, crop_size=args.size, batch_size=args.batch, queue_len=args.queue_len, amp=args.amp,
-        channels_last=not args.no_channels_last, num_workers=args.workers, iters=args.iters + args.warmup,
-        epochs=None, data=data, device=str(device),
-    )
+    cfg = bench_config(args.arch, args.size, args.batch, args.queue_len, amp=args.amp,
+                       channels_last=not args.no_channels_last, num_workers=args.workers,
+                       iters=args.iters + args.warmup)
+    cfg.data, cfg.device = data, str(device)
     cfg.validate()
-    torch.manual_seed(0)
-    _, model, optimizer, scaler = build_run(cfg, device)
+    trainer = build_run(cfg, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-
-    def step(views, boxes, flips):
-        train_step(model, optimizer, scaler, views, boxes, flips, cfg, device, cfg.loss_lambda)
+    step = trainer.run_step
 
     total = args.iters + args.warmup
     results = {}

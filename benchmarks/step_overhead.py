@@ -10,9 +10,7 @@ import argparse
 import statistics
 
 import torch
-from alternating_steps import build_run, time_alternately
-
-from densecl.engine import PretrainConfig
+from alternating_steps import bench_config, build_run, time_alternately
 
 
 def main() -> None:
@@ -34,10 +32,7 @@ def main() -> None:
 
     runs = {}
     for name, lam in (("densecl", 0.5), ("mocov2", 0.0)):
-        cfg = PretrainConfig(
-            arch=args.arch, loss_lambda=lam, queue_len=args.queue_len, batch_size=args.batch,
-            crop_size=args.size, amp=args.amp, iters=1, epochs=None,
-        )
+        cfg = bench_config(args.arch, args.size, args.batch, args.queue_len, loss_lambda=lam, amp=args.amp)
         runs[name] = build_run(cfg, device)
     times = time_alternately(runs, args.batch, args.size, device, args.warmup, args.iters)
     for name, ts in times.items():

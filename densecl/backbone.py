@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from densecl.config import ARCHS
 
 
 class ResNetTrunk(nn.Module):

@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from densecl.config import DataKind
 from densecl.synthetic import generate_scene
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-PRETRAIN_DATASET_KINDS = ("synthetic", "image_folder")
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
 
@@ -176,11 +176,11 @@ def build_pretrain_dataset(kind: str, transform: Callable[[Image.Image], Any] | 
                            root: str | None = None, num_images: int = 2048, image_size: int = 160,
                            seed: int = 0) -> Dataset:
     """The pre-training image source named by ``kind``: "synthetic" scenes or an "image_folder" at ``root``."""
-    if kind == "synthetic":
+    if kind == DataKind.synthetic:
         return SyntheticScenes(num_images=num_images, image_size=image_size, seed=seed, transform=transform)
-    if kind == "image_folder":
+    if kind == DataKind.image_folder:
         if not root:
             raise ValueError("build_pretrain_dataset: kind 'image_folder' needs the key `root` (the folder of "
                              f"images), got root={root!r}")
         return UnlabeledImageFolder(root, transform=transform)
-    raise ValueError(f"build_pretrain_dataset: unknown kind {kind!r}; expected one of {PRETRAIN_DATASET_KINDS}")
+    raise ValueError(f"build_pretrain_dataset: unknown kind {kind!r}; expected one of {[k.value for k in DataKind]}")

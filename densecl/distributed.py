@@ -1,4 +1,5 @@
-"""torch.distributed plumbing: environment-driven set-up (torchrun and submitit alike), gathers, shuffle-BN."""
+"""Where a run executes: the device, and torch.distributed set up from the environment (torchrun and submitit
+alike), with the gathers and the shuffle-BN permutation the model needs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when this machine has it, else the CPU; CUDA asked for on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available on this machine")
+    return device
 
 
 @dataclass(frozen=True)

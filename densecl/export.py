@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from densecl.config import PretrainConfig
+from densecl.files import write_atomic
+
 QUERY_BACKBONE_PREFIX = "encoder_q.backbone."
 EXPORT_AUTHOR = "densecl"
 
@@ -24,13 +27,9 @@ def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def save_backbone(weights: dict[str, torch.Tensor], path: str | os.PathLike, arch: str | None) -> Path:
-    """Write {'state_dict', 'arch', 'author'} atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": weights, "arch": arch, "author": EXPORT_AUTHOR}, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write {'state_dict', 'arch', 'author'} atomically (densecl.files.write_atomic)."""
+    payload = {"state_dict": weights, "arch": arch, "author": EXPORT_AUTHOR}
+    return write_atomic(path, lambda file: torch.save(payload, file))
 
 
 def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -50,7 +49,7 @@ def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         weights = backbone_state_dict(obj["model"])
         config = obj.get("config")
         if arch is None and isinstance(config, dict):
-            arch = config.get("arch")
+            arch = PretrainConfig.from_dict(config).backbone.arch
     else:
         weights = obj.get("state_dict", obj)
         if any(k.startswith(QUERY_BACKBONE_PREFIX) for k in weights):

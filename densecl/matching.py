@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-MATCHING_STRATEGIES = ("backbone", "projection", "random", "geometric")
-
 
 def argmax_match(query_feats: torch.Tensor, key_feats: torch.Tensor) -> torch.Tensor:
     """For each query cell, the most cosine-similar key cell: (N, C, P) x (N, C, P) -> (N, P).

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from densecl.backbone import ResNetTrunk
+from densecl.config import Matching, PretrainConfig
 from densecl.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
 from densecl.heads import DenseHead, GlobalHead, pool_to_regions
 from densecl.losses import dense_info_nce, info_nce
 from densecl.matching import (
-    MATCHING_STRATEGIES,
     argmax_match,
     chance_correspondence_accuracy,
     correspondence_accuracy,
@@ -24,8 +24,6 @@ from densecl.matching import (
     random_match,
 )
 from densecl.split_bn import convert_split_batchnorm
-
-MAX_REGIONS = 16
 
 
 class Encoder(nn.Module):
@@ -46,23 +44,6 @@ class Encoder(nn.Module):
         return self.global_head(c5), grid, dense
 
 
-def validate_hyperparameters(
-    matching: str, loss_lambda: float, num_regions: int | None, queue_len: int, momentum: float, temperature: float
-) -> None:
-    if matching not in MATCHING_STRATEGIES:
-        raise ValueError(f"matching={matching!r}: expected one of {', '.join(MATCHING_STRATEGIES)}")
-    if not 0.0 <= loss_lambda <= 1.0:
-        raise ValueError(f"loss_lambda={loss_lambda}: expected a value in [0, 1]")
-    if num_regions is not None and not 1 <= num_regions <= MAX_REGIONS:
-        raise ValueError(f"num_regions={num_regions}: expected None (native grid) or 1..{MAX_REGIONS}")
-    if queue_len < 1:
-        raise ValueError(f"queue_len={queue_len}: expected a positive length")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum={momentum}: expected a value in [0, 1)")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: expected a positive value")
-
-
 class DenseCL(nn.Module):
     def __init__(
         self,
@@ -78,14 +59,13 @@ class DenseCL(nn.Module):
         bn_splits: int = 1,
     ):
         super().__init__()
-        validate_hyperparameters(matching, loss_lambda, num_regions, queue_len, momentum, temperature)
         self.arch = arch
         self.num_regions = num_regions
         self.queue_len = queue_len
         self.momentum = momentum
         self.temperature = temperature
         self.loss_lambda = loss_lambda
-        self.matching = matching
+        self.matching = Matching(matching)
         self.dense = loss_lambda > 0 if dense_head is None else dense_head
 
         self.encoder_q = Encoder(arch, feat_dim, num_regions, self.dense)
@@ -104,6 +84,21 @@ class DenseCL(nn.Module):
             self.register_buffer("queue_dense", F.normalize(torch.randn(feat_dim, queue_len), dim=0))
             self.register_buffer("queue_dense_ptr", torch.zeros((), dtype=torch.long))
 
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig) -> DenseCL:
+        """The model a pre-training config describes (its values are checked by `cfg.validate()`)."""
+        return cls(
+            arch=cfg.backbone.arch,
+            feat_dim=cfg.model.feat_dim,
+            num_regions=cfg.model.num_regions,
+            queue_len=cfg.pretrain.queue_len,
+            momentum=cfg.model.momentum,
+            temperature=cfg.model.temperature,
+            loss_lambda=cfg.model.loss_lambda,
+            matching=cfg.matching.name,
+            bn_splits=cfg.pretrain.bn_splits,
+        )
+
     def set_query_runner(self, runner: nn.Module | None) -> None:
         """Run the query encoder through `runner` (DDP) while keeping state-dict keys unwrapped."""
         object.__setattr__(self, "_query_runner", runner)
@@ -118,9 +113,7 @@ class DenseCL(nn.Module):
     @torch.no_grad()
     def _enqueue(self, queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
         keys = concat_all_gather(keys)
-        batch = keys.shape[0]
-        if self.queue_len % batch != 0:
-            raise ValueError(f"queue_len={self.queue_len} is not divisible by the global batch {batch}")
+        batch = keys.shape[0]  # the queue length is a multiple of it (PretrainConfig.validate)
         start = int(ptr)
         queue[:, start : start + batch] = keys.T.to(queue.dtype)
         ptr.fill_((start + batch) % self.queue_len)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
-from densecl.backbone import ARCHS, ResNetTrunk
+from densecl.backbone import ResNetTrunk
+from densecl.config import ARCHS, check, check_positive, from_dict, plain
+from densecl.distributed import resolve_device
 from densecl.export import load_backbone_weights
 from densecl.files import write_json
 from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.resume import Reuse, reuse
 from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,16 +49,11 @@ class LinearProbeConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"probe.arch={self.arch!r}: expected one of {', '.join(ARCHS)}")
-        if self.class_weighting not in CLASS_WEIGHTINGS:
-            raise ValueError(f"probe.class_weighting={self.class_weighting!r}: expected one of "
-                             f"{', '.join(CLASS_WEIGHTINGS)}")
-        if self.layer not in LAYERS:
-            raise ValueError(f"probe.layer={self.layer!r}: expected one of {', '.join(LAYERS)}")
-        for name in ("image_size", "input_size", "num_train", "num_val", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"probe.{name}={getattr(self, name)}: expected a positive integer")
+        check(self.arch in ARCHS, "arch", self.arch, f"allowed: {', '.join(ARCHS)}")
+        check(self.class_weighting in CLASS_WEIGHTINGS, "class_weighting", self.class_weighting,
+              f"allowed: {', '.join(CLASS_WEIGHTINGS)}")
+        check(self.layer in LAYERS, "layer", self.layer, f"allowed: {', '.join(LAYERS)}")
+        check_positive(self, "image_size", "input_size", "num_train", "num_val", "epochs", "batch_size")
 
 
 def load_frozen_backbone(arch: str, weights: str | os.PathLike | None, seed: int = 0) -> ResNetTrunk:
@@ -176,18 +174,20 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     and the features' effective rank (feature_rank).
 
     Writes metrics.json (the scores) and then probe_config.json (what produced them) into output_dir; a
-    finished output_dir is read back instead of recomputed, and one finished with other settings is an error.
+    finished output_dir is read back instead of recomputed, one finished with other settings is refused
+    (densecl.resume).
     """
     cfg.validate()
     output_dir = Path(output_dir)
     metrics_file, config_file = output_dir / "metrics.json", output_dir / "probe_config.json"
-    provenance = {"config": asdict(cfg), "weights": str(weights) if weights else None}
-    if config_file.exists() and metrics_file.exists():
-        if json.loads(config_file.read_text()) == provenance:
-            return json.loads(metrics_file.read_text())
-        raise ValueError(f"{config_file}: this folder holds results of another probe configuration or weights; "
-                         f"use a new output folder")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    current = {"config": plain(cfg), "weights": str(weights) if weights else None}
+    saved = None
+    if config_file.exists():
+        recorded = json.loads(config_file.read_text())
+        saved = {**recorded, "config": plain(from_dict(LinearProbeConfig, recorded["config"]))}
+    if reuse(output_dir, saved, current, finished=saved is not None and metrics_file.exists()) is Reuse.DONE:
+        return json.loads(metrics_file.read_text())
+    device = resolve_device(cfg.device)
     trunk = load_frozen_backbone(cfg.arch, weights, cfg.seed)
     num_classes = len(CLASS_NAMES) + 1
     train_images, train_labels = scenes(cfg, "train")
@@ -200,5 +200,5 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     metrics["feature_rank"] = feature_rank(train_feats, seed=cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(metrics_file, metrics)
-    write_json(config_file, provenance)  # last: its presence marks the folder finished
+    write_json(config_file, current)  # last: its presence marks the folder finished
     return metrics

@@ -7,7 +7,7 @@ Objects occlude each other and sit on cluttered backgrounds among class-less, un
 most scenes hold several classes. Class identity is thus a property of small regions: what dense
 pre-training should capture and a single global embedding averages away. (Version 1 drew every texture at
 random, so only the outline told classes apart; a few hundred CPU iterations of pre-training learned nothing
-a linear probe could use there: see docs/benchmarks.md.)
+a linear probe could use there.)
 Scenes come with exact boxes, instance masks and semantic maps, and ``write_synthetic_dataset`` exports a set
 in Pascal VOC and COCO layouts, so the downstream detection and segmentation code runs on it unchanged.
 """

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import schema
 from pipelines.launching import export_distributed_env, is_global_rank_zero
-from pipelines.tracking import Tracker, flatten, read_run_id
+from pipelines.tracking import Tracker, as_params, read_run_id
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ def sweep_jobs(config: DictConfig) -> tuple[list[list[str]], dict[str, list[str]
     return jobs, {k: values for k, values in swept.items() if values is not None}
 
 
+class SweepError(ValueError):
+    """A sweep that cannot run as a whole: a bad job, or two jobs that would share a folder."""
+
+
 def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
     """Compose and validate every job of a sweep; distinct jobs must get distinct folders."""
     from hydra.core.global_hydra import GlobalHydra
@@ -98,13 +102,12 @@ def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
         try:
             schema.validate(job_cfg)
         except schema.ConfigValueError as err:
-            raise schema.ConfigValueError(f"job [{' '.join(overrides)}]: {err}") from None
+            raise SweepError(f"job [{' '.join(overrides)}]: {err}") from None
         folder = str(job_cfg.hydra.sweep.subdir)
         if folder in folders:
-            raise schema.ConfigValueError(
+            raise SweepError(
                 f"jobs [{' '.join(folders[folder])}] and [{' '.join(overrides)}] would share the job folder "
-                f"{folder!r}: they differ only in keys excluded from job folder names "
-                f"(hydra.job.config.override_dirname.exclude_keys)"
+                f"{folder!r}: they differ only in keys left out of job folder names (pipelines.schema.job_dirname)"
             )
         folders[folder] = list(overrides)
 
@@ -129,7 +132,7 @@ class PipelineCallback(Callback):
             jobs, swept = sweep_jobs(config)
             try:
                 check_jobs(config, jobs)
-            except schema.ConfigValueError as err:
+            except SweepError as err:
                 raise SystemExit(f"invalid config, no job was launched: {err}") from None
             log.info("sweep of %d jobs over %s validated", len(jobs), ", ".join(swept) or "nothing")
         else:  # another sweeper picks jobs as it goes: each job validates its config when it starts
@@ -214,7 +217,7 @@ class PipelineCallback(Callback):
         )
         task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
         task_cfg.pop("hydra", None)
-        changed = tracker.log_params(run_id, flatten(task_cfg))
+        changed = tracker.log_params(run_id, as_params(task_cfg))
         if changed:  # only keys excluded from folder names can differ (e.g. stages): keep the first values
             log.warning(
                 "mlflow params keep their first values for %s (params are immutable)", ", ".join(changed)

@@ -19,7 +19,6 @@ __all__ = [
     "is_global_rank_zero",
     "launched_by_torchrun",
     "under_submitit",
-    "world_size",
 ]
 
 
@@ -71,14 +70,6 @@ def global_rank() -> int:
     if env is not None:
         return env.global_rank
     return int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    """Number of processes of the job: torchrun's WORLD_SIZE, else submitit's task count, else WORLD_SIZE, else 1."""
-    env = None if launched_by_torchrun() else _job_env()
-    if env is not None:
-        return env.num_tasks
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_global_rank_zero() -> bool:

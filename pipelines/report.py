@@ -277,14 +277,6 @@ def write_report(table: Table, out_dir: Path, curves: dict | None = None) -> lis
 # ---------------------------------------------------------------------------------- finding the runs
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
-
-
 def find_parent(cfg, tracker: Tracker) -> str:
     """The parent run of the sweep (or run group) the composed config describes."""
     output_dir = Path(cfg.paths.output_dir)
@@ -334,7 +326,7 @@ def report(
     log_artifacts: bool = True,
     tracking_uri: str | None = None,
 ) -> tuple[Table, list[Path]]:
-    cfg = compose(overrides)
+    cfg = schema.compose(overrides)
     uri = tracking_uri or cfg.tracking.uri
     if not uri:
         raise SystemExit("no tracking URI: tracking is disabled in this config; pass --tracking-uri")

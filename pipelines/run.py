@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pipelines import schema  # registers the config schema and resolvers before Hydra composes
+from pipelines import schema
 from pipelines.callbacks import CHILD_FILE, tracker_for
 from pipelines.launching import apply_cpu_allocation, export_distributed_env, is_global_rank_zero
 from pipelines.stages import run_stages
@@ -56,4 +56,5 @@ def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
+    schema.register()
     main()

@@ -1,13 +1,12 @@
-"""The pipeline's config schema: typed dataclasses Hydra merges `conf/` into, plus the value checks.
+"""The pipeline's config: the library's dataclasses (densecl.config, the stage configs) plus the pipeline's
+own sections, as one Hydra structured config, and the checks that run before any job starts.
 
-Two layers catch a bad config before any job starts:
-1. Types and names, at composition. Every `conf/` file is merged into `PipelineConfig` (registered as
+Two layers catch a bad config before any work:
+1. Types and names, at composition: every `conf/` file is merged into `PipelineConfig` (registered as
    `densecl_schema`, first in `conf/config.yaml`'s defaults), so an unknown key, a string where an int
-   belongs or an unknown matching strategy (an Enum) fails while Hydra composes, naming the full key.
-2. Values, by `validate(cfg)`: ranges (S >= 1, lambda in [0, 1]), required data paths, stage names, the
-   downstream dataclasses' field names. `pipelines.callbacks` runs it on every job's composed config in the
-   submitting process (`on_run_start` / `on_multirun_start`), before a parent run exists or a job is launched.
-Errors are `ConfigValueError("key=value: allowed ...")`.
+   belongs or an unknown matching strategy fails while Hydra composes, naming the full key.
+2. Values, by `validate(cfg)`: each section's own checks (next to its fields) and the rules between
+   sections. `pipelines.callbacks` runs it on every job's config in the submitting process.
 """
 
 from __future__ import annotations
@@ -19,419 +18,176 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from densecl.config import ConfigValueError, ModelName, PretrainConfig, check, from_dict, validate_sections
+from densecl.probe import LinearProbeConfig
+from densecl.resume import is_result_neutral
+from densecl.transfer.configs import STAGE_CONFIGS, StageConfig, SyntheticSet
+
+__all__ = ["ConfigValueError", "PipelineConfig", "compose", "job_dirname", "register", "settings", "validate"]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
 DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-MAX_REGIONS = 16  # densecl.model.MAX_REGIONS (tested equal; kept here so composing imports no torch)
-
-
-class ConfigValueError(ValueError):
-    """A composed config that is well-typed but holds a value the pipeline cannot run."""
-
-
-class Matching(str, Enum):
-    """How each query cell finds its positive key cell (DenseCL Table 6; `backbone` is the paper's)."""
-
-    backbone = "backbone"
-    projection = "projection"
-    random = "random"
-    geometric = "geometric"
-
-
-class ModelName(str, Enum):
-    densecl = "densecl"
-    mocov2 = "mocov2"  # DenseCL with lambda = 0: exactly MoCo v2
-    random_init = "random_init"  # no pre-training: downstream stages start from random weights
-
-
-class DataKind(str, Enum):
-    synthetic = "synthetic"
-    image_folder = "image_folder"
-
-
-class Amp(str, Enum):
-    none = "none"
-    bf16 = "bf16"
-    fp16 = "fp16"
+# Keys that name where and how a job runs, not what it computes: left out of job folder names, as are the
+# keys that change no result (densecl.resume.RESULT_NEUTRAL).
+NOT_IN_FOLDER_NAMES = ("experiment", "name", "stages", "paths", "paths.*", "tracking", "tracking.*", "report",
+                       "report.*")
 
 
 @dataclass
-class ModelSchema:
-    name: ModelName = ModelName.densecl
-    loss_lambda: float = 0.5  # L = (1 - lambda) L_global + lambda L_dense
-    lambda_warmup_iters: int = 0  # lambda = 0 for the first N iterations (paper: only for lambda = 1)
-    num_regions: int | None = None  # S; None = the backbone's native grid (7 at 224 px)
-    feat_dim: int = 128
-    temperature: float = 0.2
-    momentum: float = 0.999
+class DownstreamConfig:
+    """Each stage's section holds `preset` plus fields of its config class (densecl.transfer.configs,
+    densecl.probe.LinearProbeConfig for `probe`), checked by `PipelineConfig.stage_config`."""
 
-
-@dataclass
-class BackboneSchema:
-    arch: str = "resnet50"
-
-
-@dataclass
-class MatchingSchema:
-    name: Matching = Matching.backbone
-
-
-@dataclass
-class DataSchema:
-    kind: DataKind = DataKind.synthetic
-    root: str | None = None  # image_folder: a folder of images (searched recursively)
-    num_images: int = 2048  # synthetic: number of scenes
-    image_size: int = 160  # synthetic: scene side in pixels
-    seed: int = 0  # synthetic: scene seed (fixed across training seeds: seeds measure training noise)
-
-
-@dataclass
-class FigureSchema:
-    enabled: bool = True
-    num_images: int = 4
-    threshold: float = 0.9  # mutual nearest neighbours with cosine similarity above this (paper's figure)
-    crop_size: int | None = None  # None = pretrain.crop_size
-
-
-@dataclass
-class PretrainSchema:
-    """Schedule and runtime of pre-training; the method's own hyper-parameters live in `model`."""
-
-    weights: str | None = None  # skip pre-training: downstream stages start from this backbone/checkpoint
-    crop_size: int = 224
-    batch_size: int = 32  # per process
-    queue_len: int = 65536  # divisible by the global batch
-    num_workers: int = 4
-    base_lr: float = 0.03  # per 256 images, scaled linearly with the total batch
-    weight_decay: float = 1e-4
-    sgd_momentum: float = 0.9
-    warmup_iters: int = 0
-    iters: int | None = None  # exactly one of iters / epochs
-    epochs: int | None = 200
-    amp: Amp = Amp.none
-    channels_last: bool = True
-    sync_bn: bool = False
-    shuffle_bn: bool = True
-    bn_splits: int = 1  # BN groups per process: emulates the paper's per-GPU BN (and shuffle-BN) in one process
-    corr_eval_crop: int | None = None  # correspondence accuracy on fixed view pairs at this crop (e.g. 160)
-    corr_eval_pairs: int = 64
-    corr_eval_every: int = 100  # a multiple of log_every
-    deterministic: bool = False
-    ckpt_every: int = 1000
-    log_every: int = 10
-    progress: bool = False
-    figure: FigureSchema = field(default_factory=FigureSchema)
-
-
-@dataclass
-class SyntheticDownstreamData:
-    """The synthetic detection/segmentation dataset the `synthetic` downstream preset writes to the cache."""
-
-    num_train: int = 64
-    num_val: int = 16
-    image_size: int = 160
-    seed: int = 0
-
-
-@dataclass
-class DownstreamSchema:
-    """Each stage's section holds `preset` plus fields of its densecl.transfer config class (checked by
-    `downstream_config`). `synthetic`: the data set the `synthetic` preset trains and evaluates on,
-    written once into `paths.cache_dir`."""
-
-    synthetic: SyntheticDownstreamData | None = None
+    synthetic: SyntheticSet | None = None  # the set the `synthetic` presets use, written once into the cache
     det_voc: dict[str, Any] = field(default_factory=dict)
     det_coco: dict[str, Any] = field(default_factory=dict)
     seg_voc: dict[str, Any] = field(default_factory=dict)
     seg_cityscapes: dict[str, Any] = field(default_factory=dict)
-    probe: dict[str, Any] = field(default_factory=dict)  # densecl.probe.LinearProbeConfig fields
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """The synthetic set; each stage's section is checked when its config is built (`stage_config`)."""
+        if self.synthetic is not None:
+            validate_sections(self, ("synthetic",))
 
 
 @dataclass
-class TrackingSchema:
+class TrackingConfig:
     enabled: bool = True
-    uri: str | None = None  # sqlite:///PATH (default) or a tracking server http(s)://HOST:PORT
+    uri: str | None = None  # sqlite:///PATH or a tracking server http(s)://HOST:PORT
     experiment_name: str = "${name}"
     artifact_location: str | None = None  # where a new experiment stores artifacts (None: the server's)
-    log_backbone: bool = True  # log the exported backbone as an artifact
-    retries: int = 8  # attempts for "database is locked"
+    log_backbone: bool = True  # the exported backbone as an artifact
+    retries: int = 8  # attempts while the store says "database is locked"
     retry_wait_s: float = 0.5  # first back-off, doubled per attempt
 
+    def validate(self) -> None:
+        check(not self.enabled or bool(self.uri), "uri", self.uri,
+              "set a sqlite:///PATH or http(s)://HOST:PORT URI, or tracking=disabled")
+        check(self.retries >= 1, "retries", self.retries, "allowed: an integer >= 1")
+
 
 @dataclass
-class PathsSchema:
+class PathsConfig:
     output_dir: str = "outputs"  # runs, sweeps, mlflow.db, artifacts and the cache live under it
     cache_dir: str = "${paths.output_dir}/cache"
-    data_dir: str = "data"  # real datasets (imagenet/, coco/, VOCdevkit/, cityscapes/)
+    data_dir: str = "data"  # real data sets (imagenet/, coco/, VOC2007/, VOC2012/, cityscapes/)
 
 
 @dataclass
-class ReportSchema:
+class ReportConfig:
     metrics: list[str] = field(default_factory=list)  # empty: every final stage metric present
     seed_keys: list[str] = field(default_factory=lambda: ["seed"])  # averaged over, never a row
     extra_columns: list[str] = field(default_factory=list)  # params shown beside the swept values
 
 
 @dataclass
-class PipelineConfig:
-    name: str = "default"  # experiment name: output folders and mlflow experiment
-    seed: int = 0
-    device: str = "auto"
+class PipelineConfig(PretrainConfig):
+    """The pre-training settings plus the stages to run, their sections, tracking, paths and the report."""
+
+    name: str = "default"  # output folders and the mlflow experiment
     stages: list[str] = field(default_factory=lambda: list(STAGES))
-    model: ModelSchema = field(default_factory=ModelSchema)
-    backbone: BackboneSchema = field(default_factory=BackboneSchema)
-    matching: MatchingSchema = field(default_factory=MatchingSchema)
-    data: DataSchema = field(default_factory=DataSchema)
-    pretrain: PretrainSchema = field(default_factory=PretrainSchema)
-    downstream: DownstreamSchema = field(default_factory=DownstreamSchema)
-    tracking: TrackingSchema = field(default_factory=TrackingSchema)
-    paths: PathsSchema = field(default_factory=PathsSchema)
-    report: ReportSchema = field(default_factory=ReportSchema)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def pretraining(self) -> bool:
+        return self.model.name != ModelName.random_init and "pretrain" in self.stages
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The pre-training settings alone (what the engine takes and its checkpoints record)."""
+        return PretrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PretrainConfig)})
+
+    def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
+        """Raise ConfigValueError naming the first bad setting; `check_paths` also requires the data folders
+        and files the chosen stages read to exist. The pre-training data count only when pre-training runs."""
+        for stage in self.stages:
+            check(stage in STAGES, "stages", list(self.stages), f"each stage must be one of {', '.join(STAGES)}")
+        check(len(set(self.stages)) == len(self.stages), "stages", list(self.stages), "a stage may be listed once")
+        sections = (*(s for s in self.SECTIONS if s != "data" or self.pretraining), "downstream", "tracking")
+        validate_sections(self, sections, data={"check_paths": check_paths}, pretrain={"world_size": world_size})
+        weights = self.pretrain.weights
+        if weights is not None:
+            check("pretrain" not in self.stages, "stages", list(self.stages),
+                  "pretrain.weights is set, so the pretrain stage must not run")
+            check(self.model.name != ModelName.random_init, "pretrain.weights", weights,
+                  "model=random_init starts from random weights: unset it")
+            check(not check_paths or Path(weights).is_file(), "pretrain.weights", weights,
+                  "allowed: an existing backbone or checkpoint file")
+        for stage in self.stages:
+            if stage in DOWNSTREAM_STAGES:
+                self.stage_config(stage, check_paths)
+
+    def stage_config(self, stage: str, check_paths: bool = False) -> StageConfig | LinearProbeConfig:
+        """The config object of a downstream stage, from its `downstream.<stage>` section; arch, device and
+        seed follow the pipeline's unless the section sets them."""
+        section = dict(getattr(self.downstream, stage))
+        base = {"arch": self.backbone.arch, "device": self.device, "seed": self.seed}
+        try:
+            if stage == "probe":
+                stage_cfg = from_dict(LinearProbeConfig, {**base, **section})
+                stage_cfg.validate()
+                return stage_cfg
+            stage_cfg = STAGE_CONFIGS[stage].from_section(
+                section, **base, synthetic=self.downstream.synthetic, cache_dir=self.paths.cache_dir
+            )
+            if check_paths:
+                stage_cfg.check_data()
+            return stage_cfg
+        except ConfigValueError as err:
+            raise err.within(f"downstream.{stage}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Value checks
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigValueError(f"{key}={value!r} is invalid: {allowed}")
+def settings(cfg: DictConfig) -> PipelineConfig:
+    """The composed config as `PipelineConfig` (Hydra's own node left out), its relative data folder made
+    absolute: a job may run from another folder."""
+    values = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
+    obj = from_dict(PipelineConfig, values)
+    if obj.data.root:
+        obj.data.root = str(Path(obj.data.root).absolute())
+    return obj
 
 
 def validate(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Raise ConfigValueError naming the key and the allowed values for the first bad value in `cfg`.
-
-    `check_paths` also requires the data folders the chosen stages read to exist.
-    """
-    model, pre = cfg.model, cfg.pretrain
-    stages = list(cfg.stages)
-    for stage in stages:
-        if stage not in STAGES:
-            _fail("stages", stages, f"each stage must be one of {', '.join(STAGES)}")
-    if len(set(stages)) != len(stages):
-        _fail("stages", stages, "a stage may be listed once")
-    if cfg.backbone.arch not in ARCHS:
-        _fail("backbone.arch", cfg.backbone.arch, f"allowed: {', '.join(ARCHS)}")
-    if not 0.0 <= model.loss_lambda <= 1.0:
-        _fail("model.loss_lambda", model.loss_lambda, "allowed: a value in [0, 1] (0 = MoCo v2)")
-    if model.name == ModelName.mocov2 and model.loss_lambda != 0.0:
-        _fail("model.loss_lambda", model.loss_lambda, "model=mocov2 is DenseCL with lambda = 0")
-    if model.lambda_warmup_iters < 0:
-        _fail("model.lambda_warmup_iters", model.lambda_warmup_iters, "allowed: an integer >= 0")
-    if model.num_regions is not None and not 1 <= model.num_regions <= MAX_REGIONS:
-        _fail("model.num_regions", model.num_regions, f"allowed: null (native grid) or 1..{MAX_REGIONS}")
-
-    if (pre.iters is None) == (pre.epochs is None):
-        _fail(
-            "pretrain.iters", pre.iters, f"set exactly one of pretrain.iters / pretrain.epochs ({pre.epochs})"
-        )
-    for key in ("iters", "epochs", "crop_size", "batch_size", "queue_len", "ckpt_every", "log_every"):
-        value = pre[key]
-        if value is not None and value < 1:
-            _fail(f"pretrain.{key}", value, "allowed: an integer >= 1")
-    if pre.queue_len % pre.batch_size != 0:
-        _fail(
-            "pretrain.queue_len", pre.queue_len, f"must be divisible by pretrain.batch_size={pre.batch_size}"
-        )
-    if not -1.0 <= pre.figure.threshold <= 1.0:
-        _fail("pretrain.figure.threshold", pre.figure.threshold, "allowed: a cosine similarity in [-1, 1]")
-
-    pretraining = model.name != ModelName.random_init and "pretrain" in stages
-    if pretraining:
-        _validate_data(cfg.data, check_paths)
-        try:  # the engine's own checks, as a backstop for what the config-level ones above do not cover
-            pretrain_config(cfg).validate()
-        except ValueError as err:
-            raise ConfigValueError(f"pretrain: {err}") from None
-    if pre.weights is not None:
-        if "pretrain" in stages:
-            _fail("stages", stages, "pretrain.weights is set, so the pretrain stage must not run")
-        if model.name == ModelName.random_init:
-            _fail("pretrain.weights", pre.weights, "model=random_init starts from random weights: unset it")
-        if check_paths and not Path(pre.weights).is_file():
-            _fail("pretrain.weights", pre.weights, "allowed: an existing backbone or checkpoint file")
-
-    downstream = [s for s in stages if s in DOWNSTREAM_STAGES]
-    for stage in downstream:
-        downstream_config(cfg, stage, check_paths=check_paths)  # raises on a bad key, value or data path
-
-    if cfg.tracking.enabled and not cfg.tracking.uri:
-        _fail(
-            "tracking.uri",
-            cfg.tracking.uri,
-            "set a sqlite:///PATH or http(s)://HOST:PORT URI, or tracking=disabled",
-        )
-    if cfg.tracking.retries < 1:
-        _fail("tracking.retries", cfg.tracking.retries, "allowed: an integer >= 1")
-
-
-def _validate_data(data: DictConfig, check_paths: bool) -> None:
-    if data.kind == DataKind.image_folder:
-        if OmegaConf.is_missing(data, "root") or not data.root:
-            _fail("data.root", None, "data kind image_folder needs data.root=/path/to/images")
-        if check_paths and not Path(data.root).is_dir():
-            _fail("data.root", data.root, "allowed: an existing folder of images (it does not exist)")
-    else:
-        for key in ("num_images", "image_size"):
-            if data[key] < 1:
-                _fail(f"data.{key}", data[key], "allowed: an integer >= 1")
-
-
-def pretrain_config(cfg: DictConfig):
-    """The engine's PretrainConfig from the composed config."""
-    from densecl.engine import DataConfig, PretrainConfig
-
-    model, pre, data = cfg.model, cfg.pretrain, cfg.data
-    return PretrainConfig(
-        arch=cfg.backbone.arch,
-        feat_dim=model.feat_dim,
-        num_regions=model.num_regions,
-        matching=str(cfg.matching.name.value),
-        loss_lambda=float(model.loss_lambda),
-        lambda_warmup_iters=model.lambda_warmup_iters,
-        temperature=model.temperature,
-        momentum=model.momentum,
-        queue_len=pre.queue_len,
-        data=DataConfig(
-            kind=str(data.kind.value),
-            root=str(Path(data.root).absolute()) if data.root else None,
-            num_images=data.num_images,
-            image_size=data.image_size,
-            seed=data.seed,
-        ),
-        crop_size=pre.crop_size,
-        batch_size=pre.batch_size,
-        num_workers=pre.num_workers,
-        base_lr=pre.base_lr,
-        weight_decay=pre.weight_decay,
-        sgd_momentum=pre.sgd_momentum,
-        warmup_iters=pre.warmup_iters,
-        iters=pre.iters,
-        epochs=pre.epochs,
-        amp=str(pre.amp.value),
-        channels_last=pre.channels_last,
-        sync_bn=pre.sync_bn,
-        shuffle_bn=pre.shuffle_bn,
-        bn_splits=pre.bn_splits,
-        corr_eval_crop=pre.corr_eval_crop,
-        corr_eval_pairs=pre.corr_eval_pairs,
-        corr_eval_every=pre.corr_eval_every,
-        seed=cfg.seed,
-        deterministic=pre.deterministic,
-        ckpt_every=pre.ckpt_every,
-        log_every=pre.log_every,
-        device=cfg.device,
-        progress=pre.progress,
-    )
-
-
-PRESETS = {"synthetic", "voc", "cityscapes"}  # classmethods of the densecl.transfer config classes
-
-
-def synthetic_root(cfg: DictConfig) -> Path:
-    """Where the `downstream.synthetic` data set lives in the cache (written once, shared by all jobs); the
-    generator's format version is in the name, so a newer generator never meets an older set's folder."""
-    from densecl.synthetic import FORMAT_VERSION
-
-    syn = cfg.downstream.synthetic
-    name = f"synthetic-v{FORMAT_VERSION}-{syn.num_train}x{syn.num_val}-{syn.image_size}px-seed{syn.seed}"
-    return (Path(cfg.paths.cache_dir) / name).absolute()
-
-
-def downstream_config(cfg: DictConfig, stage: str, check_paths: bool = False):
-    """The densecl.transfer dataclass instance of a downstream stage, from `downstream.<stage>`.
-
-    `preset` names a classmethod of the config class (synthetic, voc, cityscapes; none: the paper's
-    defaults). `ims_per_batch` rescales the preset's schedule by the linear rule (`scaled`), `max_iter`
-    squeezes it (`shortened`); every other key replaces the field as given. arch, device and seed follow
-    the pipeline's unless set here. Raises ConfigValueError naming a bad key and the allowed ones; with
-    `check_paths`, also when a real data set the stage reads is missing.
-    """
-    cls = _downstream_class(stage)
-    section = OmegaConf.to_container(cfg.downstream[stage], resolve=True)
-    preset = section.pop("preset", None)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        key = unknown[0]
-        _fail(f"downstream.{stage}.{key}", section[key], f"allowed keys: preset, {', '.join(sorted(names))}")
-    if preset is not None and (preset not in PRESETS or not hasattr(cls, preset)):
-        allowed = ", ".join(p for p in sorted(PRESETS) if hasattr(cls, p))
-        _fail(f"downstream.{stage}.preset", preset, f"allowed: null (the paper's protocol), {allowed}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-    pipeline = {"arch": cfg.backbone.arch, "device": cfg.device, "seed": cfg.seed}
-    base_args = {k: values.pop(k, v) for k, v in pipeline.items()}
-    batch, iters = values.pop("ims_per_batch", None), values.pop("max_iter", None)
-    try:
-        if preset == "synthetic":
-            if cfg.downstream.synthetic is None:
-                _fail(
-                    f"downstream.{stage}.preset", preset, "needs downstream.synthetic (the data set to write)"
-                )
-            base = cls.synthetic(str(synthetic_root(cfg)), **base_args)
-        elif preset is not None:
-            base = getattr(cls, preset)(**base_args)
-        else:
-            base = cls(**base_args)
-        if batch is not None:
-            base = base.scaled(batch)
-        if iters is not None:
-            base = base.shortened(iters)
-        stage_cfg = dataclasses.replace(base, **values)
-        stage_cfg.validate()
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigValueError):
-            raise
-        raise ConfigValueError(f"downstream.{stage}: {err}") from err
-    if check_paths and preset != "synthetic" and hasattr(stage_cfg, "dataset_names"):
-        from densecl.transfer.data import check_dataset
-
-        for name in stage_cfg.dataset_names():
-            try:
-                check_dataset(name, stage_cfg.data_root or None, stage_cfg.synthetic_root or None)
-            except FileNotFoundError as err:
-                raise ConfigValueError(f"downstream.{stage}: data set {name}: {err}") from None
-    return stage_cfg
-
-
-def _downstream_class(stage: str):
-    from densecl.probe import LinearProbeConfig
-    from densecl.transfer import detection, segmentation
-
-    return {
-        "probe": LinearProbeConfig,
-        "det_voc": detection.VOCDetectionConfig,
-        "det_coco": detection.COCODetectionConfig,
-        "seg_voc": segmentation.SegmentationConfig,
-        "seg_cityscapes": segmentation.SegmentationConfig,
-    }[stage]
+    settings(cfg).validate(check_paths=check_paths)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Job folders
 
 
-def job_dirname(overrides: Sequence[str], exclude: Sequence[str] = (), max_len: int = 120) -> str:
-    """A job's folder name from its overrides only (so a rerun or a requeued job finds its work).
+def in_folder_name(key: str) -> bool:
+    return not is_result_neutral(key) and not any(fnmatch.fnmatchcase(key, p) for p in NOT_IN_FOLDER_NAMES)
 
-    `key=value` of every override whose key matches no `exclude` pattern (fnmatch: `tracking.*`), sorted by
-    key, joined by ','; the key without its `+`/`++` prefix, so `++a=1` and `a=1` share a folder. Made safe
-    as one path component: '/' becomes '%'; no overrides is 'base'; longer than `max_len`, a prefix plus a
-    hash of the whole.
+
+def job_dirname(overrides: Sequence[str], max_len: int = 120) -> str:
+    """A job's folder name from its overrides only, so that a rerun or a requeued job finds its work.
+
+    `key=value` of every override `in_folder_name`, sorted by key, joined by ','; the key without its
+    `+`/`++` prefix, so `++a=1` and `a=1` share a folder. Made safe as one path component: '/' becomes '%';
+    no overrides is 'base'; longer than `max_len`, a prefix plus a hash of the whole.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     items = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude):
+        if not in_folder_name(key):
             continue
         items.append(f"~{key}" if override.is_delete() else f"{key}={override.get_value_element_as_str()}")
     name = ",".join(sorted(items)).replace("/", "%") or "base"
@@ -450,7 +206,8 @@ def warmup_if_pure_dense(loss_lambda: float, iters: int) -> int:
 
 
 def register() -> None:
-    """Register the schema and the resolvers (idempotent; done on import)."""
+    """Register the schema and the resolvers `conf/` uses (idempotent); call before Hydra composes. Submitit
+    jobs get them from the launching process with Hydra's state."""
     ConfigStore.instance().store(name="densecl_schema", node=PipelineConfig)
     # conf/hydra/launcher/submitit_{slurm,local}.yaml shadow the plugin's configs on purpose (to switch
     # requeue on under the plugin's names); Hydra still types them with the plugin's schema, and warns.
@@ -462,4 +219,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("densecl.warmup_if_pure_dense", warmup_if_pure_dense, replace=True)
 
 
-register()
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = True) -> DictConfig:
+    """`conf/config.yaml` with `overrides`, as `python -m pipelines.run` composes it (for the report and tests)."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -2,11 +2,10 @@
 seg_cityscapes -> probe (those `cfg.stages` names, always in this order).
 
 Each stage works in `<job folder>/<stage>/`. When it finishes it writes `metrics.json` and then the marker
-`DONE.json` (metrics, duration, the settings its result depends on); a stage whose marker exists is skipped,
-so a rerun redoes nothing. A marker whose settings differ from the current config stops the job instead
-(`stage_settings`): its figures would be reported under settings they were not made with. An interrupted
-stage has no marker and starts again in the same folder, where the engine (and each transfer stage) resumes
-from its own checkpoint.
+`DONE.json` (metrics, duration, the settings its result depends on: `stage_settings`). Run again, a stage
+follows densecl.resume's rule: done with the same settings, it is skipped; done with settings that change
+results, the job stops; unfinished, it starts again in its folder, where the engine (and each transfer
+stage) resumes from its own checkpoint.
 
 Weights flow: pretrain writes `pretrain/backbone.pth` (torchvision names); `pretrain.weights=PATH` replaces
 it with the user's file; model=random_init has none (downstream stages start from random weights).
@@ -16,7 +15,6 @@ Pre-training uses every process of the job; the other stages run on global rank 
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
@@ -26,14 +24,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from densecl.checkpoint import load_trained_model
+from densecl.config import DataKind, ModelName
+from densecl.engine import pretrain
 from densecl.files import write_json
+from densecl.probe import run_linear_probe
+from densecl.resume import Reuse, is_result_neutral, reuse
+from densecl.transfer.convert import convert_to_detectron2, read_converted
+from densecl.visualize import correspondence_figure
 from pipelines import schema
 from pipelines.launching import is_global_rank_zero
-from pipelines.tracking import RunLogger, flatten
+from pipelines.preemption import GracefulStop
+from pipelines.schema import PipelineConfig
+from pipelines.tracking import RunLogger, as_params
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class StageError(RuntimeError):
 
 @dataclass
 class Job:
-    cfg: DictConfig
+    cfg: PipelineConfig
     dir: Path
     tracking: RunLogger
 
@@ -67,19 +73,12 @@ def read_done(stage_dir: Path) -> dict | None:
         return None
 
 
-@functools.cache
-def unchecked_settings() -> tuple[str, ...]:
-    """Patterns of the keys that change no result: those conf/hydra/densecl.yaml leaves out of folder names
-    (`pretrain.num_workers`, `downstream.*.log_period`, ...). A rerun may change them freely."""
-    hydra_cfg = OmegaConf.load(schema.CONF_DIR / "hydra" / "densecl.yaml")
-    return tuple(hydra_cfg.job.config.override_dirname.exclude_keys)
-
-
 def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
-    """The config keys a stage's result depends on, flattened (`pretrain.base_lr`: "0.03"), as saved in its
-    DONE.json. A downstream stage depends on the pre-training too, except from random init."""
+    """The config keys a stage's result depends on, flattened as text (`pretrain.base_lr`: "0.03"), as saved
+    in its DONE.json: those that change no result left out. A downstream stage depends on the pre-training
+    too, except from random init."""
     sections = ["seed", "backbone", "model"]
-    if cfg.model.name != schema.ModelName.random_init:
+    if cfg.model.name != ModelName.random_init:
         sections += ["matching", "data", "pretrain"]
     if stage in schema.DOWNSTREAM_STAGES:
         sections.append(f"downstream.{stage}")
@@ -90,48 +89,28 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
         value = OmegaConf.select(cfg, key)
         is_section = OmegaConf.is_config(value)
         tree[key] = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if is_section else value
-    flat = flatten(tree)
-    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in unchecked_settings())}
+    return {k: v for k, v in as_params(tree).items() if not is_result_neutral(k)}
 
 
-def check_done_settings(stage: str, stage_dir: Path, done: dict, current: dict[str, str]) -> None:
-    """Refuse to skip a finished stage whose saved settings differ from the current ones.
-
-    Only keys both hold are compared: a key added to the config since the stage ran took its default then
-    (the convention for new options), and a marker written before settings were saved has none to compare.
-    """
-    saved = done.get("settings") or {}
-    changed = [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
-    if changed:
-        shown = "; ".join(f"{k}: {old} when it ran, {new} now" for k, old, new in changed[:8])
-        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise StageError(
-            f"stage {stage} in {stage_dir} finished with other settings: {shown}{more}. Its results would be "
-            f"reported under settings they were not made with. Run under another name= (a new folder), or "
-            f"move {stage_dir} away to redo the stage here"
-        )
-
-
-def planned_stages(cfg: DictConfig) -> list[str]:
+def planned_stages(cfg: PipelineConfig | DictConfig) -> list[str]:
     """The stages this job runs, in pipeline order (random init has nothing to pre-train or convert)."""
     chosen = set(cfg.stages)
-    if cfg.model.name == schema.ModelName.random_init:
+    if cfg.model.name == ModelName.random_init:
         chosen -= {"pretrain", "convert"}
     return [s for s in schema.STAGES if s in chosen]
 
 
 def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str, dict[str, float]]:
     """Run (or skip, when done) every planned stage; returns each stage's final metrics."""
-    job = Job(cfg, Path(job_dir), tracking)
+    job = Job(schema.settings(cfg), Path(job_dir), tracking)
     results: dict[str, dict[str, float]] = {}
     rank_zero = is_global_rank_zero()
-    for stage in planned_stages(cfg):
+    for stage in planned_stages(job.cfg):
         if stage != "pretrain" and not rank_zero:
             continue
-        done = job.done(stage)
-        settings = stage_settings(cfg, stage)
-        if done is not None:
-            check_done_settings(stage, job.stage_dir(stage), done, settings)
+        done, settings = job.done(stage), stage_settings(cfg, stage)
+        saved = None if done is None else done.get("settings")
+        if reuse(job.stage_dir(stage), saved, settings, finished=done is not None) is Reuse.DONE:
             log.info("stage %s: already done in %s, skipping", stage, job.stage_dir(stage))
             tracking.final_metrics(stage, done["metrics"], only_missing=True)
             results[stage] = done["metrics"]
@@ -164,7 +143,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 def backbone_weights(job: Job) -> Path | None:
     """The torchvision-named backbone the downstream stages start from (None: random init)."""
     cfg = job.cfg
-    if cfg.model.name == schema.ModelName.random_init:
+    if cfg.model.name == ModelName.random_init:
         return None
     if cfg.pretrain.weights:
         return Path(cfg.pretrain.weights).absolute()
@@ -181,7 +160,7 @@ def backbone_weights(job: Job) -> Path | None:
 def transfer_weights(job: Job) -> Path | None:
     """What a detectron2 stage starts from: the converted .pkl when the convert stage ran, else the
     backbone itself (the transfer code converts it into its own folder)."""
-    if job.cfg.model.name == schema.ModelName.random_init:
+    if job.cfg.model.name == ModelName.random_init:
         return None
     converted = job.stage_dir("convert") / CONVERTED
     if job.done("convert") is not None and converted.is_file():
@@ -193,13 +172,10 @@ def transfer_weights(job: Job) -> Path | None:
 
 
 def run_pretrain(job: Job) -> dict[str, float]:
-    from densecl.engine import pretrain
-    from pipelines.preemption import GracefulStop
-
     out = job.stage_dir("pretrain")
     curve = job.tracking.curve("pretrain/")
     with GracefulStop() as stop:
-        result = pretrain(schema.pretrain_config(job.cfg), out, on_step=curve, should_stop=stop.requested)
+        result = pretrain(job.cfg.pretrain_config(), out, on_step=curve, should_stop=stop.requested)
     curve.flush()
     if not result.completed:
         stop.hand_over()  # requeue (under submitit), never returns
@@ -215,10 +191,10 @@ def run_pretrain(job: Job) -> dict[str, float]:
     return metrics
 
 
-def _figure_images(cfg: DictConfig, count: int) -> list:
+def _figure_images(cfg: PipelineConfig, count: int) -> list:
     """The first `count` pre-training images (synthetic scenes, or files found walking the folder)."""
     data = cfg.data
-    if data.kind == schema.DataKind.synthetic:
+    if data.kind == DataKind.synthetic:
         from densecl.synthetic import generate_scene
 
         return [
@@ -243,9 +219,6 @@ def _figure_images(cfg: DictConfig, count: int) -> list:
 
 def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, float]:
     """The paper-style correspondence figure of the trained model; returns its summary numbers."""
-    from densecl.engine import load_trained_model
-    from densecl.visualize import correspondence_figure
-
     fig_cfg = job.cfg.pretrain.figure
     try:
         model, pcfg = load_trained_model(checkpoint)
@@ -253,7 +226,7 @@ def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, 
         figure, summary = correspondence_figure(
             model,
             images,
-            crop_size=fig_cfg.crop_size or pcfg.crop_size,
+            crop_size=fig_cfg.crop_size or pcfg.pretrain.crop_size,
             threshold=fig_cfg.threshold,
             seed=job.cfg.seed,
             title=f"{job.cfg.name}: {job.dir.name}",
@@ -266,71 +239,31 @@ def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, 
 
 
 def run_convert(job: Job) -> dict[str, float]:
-    from densecl.transfer.convert import convert_to_detectron2, read_converted
-
-    source = backbone_weights(job)
-    dst = convert_to_detectron2(source, job.stage_dir("convert") / CONVERTED)
+    dst = convert_to_detectron2(backbone_weights(job), job.stage_dir("convert") / CONVERTED)
     return {"num_tensors": float(len(read_converted(dst)["model"]))}
 
 
-def synthetic_dataset(cfg: DictConfig):
-    """Write (once) the synthetic detection/segmentation set of `downstream.synthetic` into the cache;
-    concurrent jobs are safe (the writer builds aside and renames)."""
-    from densecl.synthetic import write_synthetic_dataset
-
-    syn = cfg.downstream.synthetic
-    return write_synthetic_dataset(
-        schema.synthetic_root(cfg), syn.num_train, syn.num_val, image_size=syn.image_size, seed=syn.seed
-    )
-
-
-def _transfer(stage: str, runner: Callable[[Any, Any, str], dict]) -> Callable[[Job], dict[str, float]]:
-    def run(job: Job) -> dict[str, float]:
-        stage_cfg = schema.downstream_config(job.cfg, stage)
-        if job.cfg.downstream[stage].get("preset") == "synthetic":
-            synthetic_dataset(job.cfg)
-        weights = transfer_weights(job)
-        metrics = runner(stage_cfg, str(weights) if weights is not None else None, str(job.stage_dir(stage)))
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-    run.__name__ = f"run_{stage}"
-    return run
-
-
-def _voc_detection(cfg, weights, out):
-    from densecl.transfer.detection import run_voc_detection
-
-    return run_voc_detection(cfg, weights, out)
-
-
-def _coco_detection(cfg, weights, out):
-    from densecl.transfer.detection import run_coco_detection
-
-    return run_coco_detection(cfg, weights, out)
-
-
-def _segmentation(cfg, weights, out):
+def run_transfer(job: Job, stage: str) -> dict[str, float]:
+    """A detectron2 stage. detectron2 is imported here, when a job first needs it: the pipeline's one lazy
+    import, so that composing, checking and launching never load it."""
+    from densecl.transfer.detection import run_coco_detection, run_voc_detection
     from densecl.transfer.segmentation import run_semantic_segmentation
 
-    return run_semantic_segmentation(cfg, weights, out)
+    runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
+    weights = transfer_weights(job)
+    metrics = runner(job.cfg.stage_config(stage), None if weights is None else str(weights), str(job.stage_dir(stage)))
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def run_probe(job: Job) -> dict[str, float]:
     """The frozen-backbone dense linear probe on the synthetic scenes (torchvision-named weights)."""
-    from densecl.probe import run_linear_probe
-
-    metrics = run_linear_probe(
-        schema.downstream_config(job.cfg, "probe"), backbone_weights(job), job.stage_dir("probe")
-    )
+    metrics = run_linear_probe(job.cfg.stage_config("probe"), backbone_weights(job), job.stage_dir("probe"))
     return {k: float(v) for k, v in metrics.items()}
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Job], dict[str, float]]] = {
     "pretrain": run_pretrain,
     "convert": run_convert,
-    "det_voc": _transfer("det_voc", _voc_detection),
-    "det_coco": _transfer("det_coco", _coco_detection),
-    "seg_voc": _transfer("seg_voc", _segmentation),
-    "seg_cityscapes": _transfer("seg_cityscapes", _segmentation),
+    **{s: functools.partial(run_transfer, stage=s) for s in ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")},
     "probe": run_probe,
 }

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from densecl.config import flatten
 from densecl.files import write_json
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_VALUE = 6000  # mlflow's limit on a param value's length
 PARAMS_PER_BATCH = 100  # mlflow's limit per log_batch call
 METRICS_PER_BATCH = 1000
@@ -67,17 +67,15 @@ def is_locked_error(err: BaseException) -> bool:
     return any(message in text for message in LOCKED_MESSAGES)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": "1", "c": "[1, 2]"}: the resolved config as mlflow params."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, tuple, Mapping)) else str(value)
-            flat[name] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
-    return flat
+def as_params(tree: Mapping[str, Any]) -> dict[str, str]:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": "1", "c": "[1, 2]"}: a config as mlflow params, lists and
+    mappings as JSON, the rest as str, each cut to mlflow's limit."""
+    return {key: _param_text(value) for key, value in flatten(tree).items()}
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, Mapping)) else str(value)
+    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
 
 
 def read_run_id(path: Path) -> str | None:

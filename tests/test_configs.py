@@ -13,8 +13,19 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from densecl.config import (
+    BackboneConfig,
+    DataConfig,
+    DataKind,
+    Matching,
+    MatchingConfig,
+    ModelConfig,
+    PretrainConfig,
+    TrainingConfig,
+)
+from densecl.resume import RESULT_NEUTRAL
 from pipelines import schema
-from pipelines.callbacks import check_jobs, sweep_jobs
+from pipelines.callbacks import SweepError, check_jobs, sweep_jobs
 
 # conf/hydra/launcher/submitit_*.yaml shadow the plugin's configs on purpose (pipelines/schema.py)
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")
@@ -31,8 +42,7 @@ ABLATIONS = {
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return schema.compose(overrides)
 
 
 def test_experiment_files_exist():
@@ -46,13 +56,14 @@ def test_every_experiment_composes_and_validates(experiment):
     assert cfg.name == (experiment or "default")
     for stage in cfg.stages:
         if stage in schema.DOWNSTREAM_STAGES:
-            assert schema.downstream_config(cfg, stage).arch == cfg.backbone.arch
+            assert schema.settings(cfg).stage_config(stage).arch == cfg.backbone.arch
 
 
 @pytest.mark.parametrize("experiment", sorted(ABLATIONS))
 def test_ablation_grids_expand_to_distinct_validated_jobs(experiment):
     key, values = ABLATIONS[experiment]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # check_jobs composes each job
         cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
         jobs, swept = sweep_jobs(cfg)
         assert list(swept) == [key, "seed"]
@@ -68,10 +79,11 @@ def test_paper_presets_carry_the_published_protocol():
         assert cfg.backbone.arch == "resnet50"
         assert (cfg.pretrain.crop_size, cfg.pretrain.batch_size, cfg.pretrain.queue_len) == (224, 32, 65536)
         assert (cfg.model.loss_lambda, cfg.model.temperature, cfg.model.momentum) == (0.5, 0.2, 0.999)
-        voc = schema.downstream_config(cfg, "det_voc")
+        voc = schema.settings(cfg).stage_config("det_voc")
         assert (voc.max_iter, voc.ims_per_batch, voc.base_lr, voc.steps) == (24000, 16, 0.02, (18000, 22000))
-        seg = schema.downstream_config(cfg, "seg_cityscapes")
+        seg = schema.settings(cfg).stage_config("seg_cityscapes")
         assert (seg.dataset, seg.crop_size, seg.max_iter) == ("cityscapes", 769, 40000)
+        assert cfg.pretrain.lr_schedule == "epoch"  # the official configs' cosine moves per epoch
     assert (coco.pretrain.epochs, coco.pretrain.base_lr, coco.data.root.endswith("coco/train2017")) == (
         800,
         0.3,
@@ -88,7 +100,7 @@ def test_lambda_ablation_warms_up_only_the_pure_dense_loss():
 def test_default_is_the_small_cpu_chain_with_local_tracking():
     cfg = compose_cfg("paths.output_dir=/tmp/x")
     assert list(cfg.stages) == ["pretrain", "convert", "det_voc", "seg_voc"]
-    assert cfg.backbone.arch == "resnet18" and cfg.data.kind == schema.DataKind.synthetic
+    assert cfg.backbone.arch == "resnet18" and cfg.data.kind == DataKind.synthetic
     assert cfg.pretrain.crop_size <= 128 and cfg.pretrain.iters <= 500
     assert cfg.pretrain.queue_len % cfg.pretrain.batch_size == 0
     assert cfg.tracking.uri == "sqlite:////tmp/x/mlflow.db"
@@ -137,6 +149,7 @@ def test_launchers_requeue_and_expose_the_cluster_keys():
             "VOC",
         ),
         (["tracking=server"], "tracking.uri", "tracking=disabled"),
+        (["downstream.synthetic.num_val=0"], "downstream.synthetic.num_val=0", "an integer >= 1"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_allowed_values(overrides, key, allowed):
@@ -161,31 +174,26 @@ def test_unknown_names_fail_at_composition_with_the_choices():
         compose_cfg("pretrain.batch_sise=8")  # typo: no such key
 
 
-def test_schema_mirrors_the_library():
-    from densecl.backbone import ARCHS
-    from densecl.matching import MATCHING_STRATEGIES
-    from densecl.model import MAX_REGIONS
+def test_the_schema_is_the_librarys_dataclasses():
+    cfg = compose_cfg()
+    sections = {"backbone": BackboneConfig, "model": ModelConfig, "matching": MatchingConfig, "data": DataConfig,
+                "pretrain": TrainingConfig}
+    for section, cls in sections.items():
+        assert OmegaConf.get_type(cfg[section]) is cls, section
+    assert isinstance(cfg.matching.name, Matching)  # the library's one list of choices types the config
 
-    assert tuple(m.value for m in schema.Matching) == MATCHING_STRATEGIES
-    assert schema.MAX_REGIONS == MAX_REGIONS
-    assert set(schema.ARCHS) <= set(ARCHS)
 
-
-def test_pretrain_config_maps_every_engine_field():
-    from dataclasses import fields
-
-    from densecl.engine import PretrainConfig
-
-    cfg = compose_cfg("matching=geometric", "model.num_regions=3", "seed=4")
-    pcfg = schema.pretrain_config(cfg)
+def test_settings_carry_every_composed_value_to_the_engine():
+    cfg = compose_cfg("matching=geometric", "model.num_regions=3", "seed=4", "pretrain.bn_splits=2")
+    pcfg = schema.settings(cfg).pretrain_config()
+    assert type(pcfg) is PretrainConfig
     pcfg.validate()
-    assert (pcfg.matching, pcfg.num_regions, pcfg.seed, pcfg.arch) == ("geometric", 3, 4, "resnet18")
-    defaults = PretrainConfig()
-    plain = OmegaConf.to_container(cfg.pretrain, resolve=True, enum_to_str=True)
-    for f in fields(PretrainConfig):
-        if f.name in plain:
-            assert getattr(pcfg, f.name) == plain[f.name], f.name
-    assert pcfg != defaults
+    chosen = (pcfg.matching.name, pcfg.model.num_regions, pcfg.seed, pcfg.backbone.arch)
+    assert chosen == ("geometric", 3, 4, "resnet18")
+    saved = pcfg.to_dict()
+    for section in PretrainConfig.SECTIONS:
+        assert saved[section] == OmegaConf.to_container(cfg[section], resolve=True, enum_to_str=True), section
+    assert (saved["seed"], saved["device"]) == (cfg.seed, cfg.device)
 
 
 @pytest.mark.parametrize(
@@ -194,16 +202,20 @@ def test_pretrain_config_maps_every_engine_field():
         ([], "base"),
         (["seed=1", "++model.loss_lambda=0.3"], "model.loss_lambda=0.3,seed=1"),  # sorted, no '+' prefix
         (["pretrain.weights=/a/b.pth", "tracking.uri=x", "stages=[det_voc]"], "pretrain.weights=%a%b.pth"),
-        (
-            ["downstream.seg_voc.num_workers=0", "downstream.seg_voc.max_iter=9"],
-            "downstream.seg_voc.max_iter=9",
-        ),  # noqa: E501
+        (["downstream.seg_voc.num_workers=0", "downstream.seg_voc.max_iter=9"], "downstream.seg_voc.max_iter=9"),
+        (["pretrain.figure.threshold=0.5", "device=cpu", "pretrain.log_every=5", "+experiment=mini_paper"], "base"),
     ],
 )
 def test_job_dirname_depends_only_on_overrides(overrides, expected):
-    exclude = compose_cfg().hydra.job.config.override_dirname.exclude_keys
-    assert schema.job_dirname(overrides, exclude) == expected
-    assert schema.job_dirname(overrides[::-1], exclude) == expected
+    assert schema.job_dirname(overrides) == expected
+    assert schema.job_dirname(overrides[::-1]) == expected
+
+
+@pytest.mark.parametrize("key", sorted(RESULT_NEUTRAL))
+def test_keys_that_change_no_result_stay_out_of_folder_names(key):
+    """One list serves both: what a rerun may change freely (densecl.resume) names no folder."""
+    assert schema.job_dirname([f"pretrain.{key}=1", "seed=2"]) == "seed=2"
+    assert schema.job_dirname([f"downstream.det_voc.{key}=1"]) == "base"
 
 
 def test_long_job_dirnames_stay_distinct():
@@ -218,13 +230,14 @@ def test_job_folders_follow_the_overrides():
 
 
 def test_jobs_that_share_a_folder_are_refused():
+    schema.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
         jobs = [
             ["seed=1", "stages=[pretrain]"],
             ["seed=1", "stages=[pretrain,convert]"],
         ]  # stages: not in names
-        with pytest.raises(schema.ConfigValueError, match="share the job folder"):
+        with pytest.raises(SweepError, match="share the job folder"):
             check_jobs(cfg, jobs)
 
 

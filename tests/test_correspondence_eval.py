@@ -4,18 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from densecl.checkpoint import load_checkpoint
+from densecl.config import ConfigValueError, DataConfig, PretrainConfig, TrainingConfig
 from densecl.correspondence_eval import ViewPairs, evaluate_correspondence, fixed_view_pairs
 from densecl.datasets import UnlabeledImageFolder
-from densecl.engine import (
-    DataConfig,
-    PretrainConfig,
-    build_dataset,
-    build_model,
-    load_checkpoint,
-    pretrain,
-    with_view_size,
-)
+from densecl.engine import pretrain
 from densecl.matching import geometric_match
+from densecl.model import DenseCL
+from densecl.sampling import build_dataset, with_view_size
 from tests.test_engine import tiny_config
 
 
@@ -45,7 +41,7 @@ def slow_backbone_accuracy(model, pairs: ViewPairs) -> float:
 def model_and_pairs():
     cfg = tiny_config(crop_size=64)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = DenseCL.from_config(cfg)
     model.train()
     pairs = fixed_view_pairs(with_view_size(build_dataset(cfg), 160), 6)
     return model, pairs
@@ -88,7 +84,8 @@ def test_evaluation_views_reuse_the_training_file_list(tmp_path, monkeypatch):
 
     for i in range(3):
         Image.new("RGB", (80, 60), (40 * i, 10, 200)).save(tmp_path / f"{i}.png")
-    cfg = PretrainConfig(data=DataConfig(kind="image_folder", root=str(tmp_path)), crop_size=32)
+    folder = DataConfig(kind="image_folder", root=str(tmp_path))
+    cfg = PretrainConfig(data=folder, pretrain=TrainingConfig(crop_size=32))
     training = build_dataset(cfg)
     walks = []
     monkeypatch.setattr(UnlabeledImageFolder, "__init__", lambda *a, **k: walks.append(a))
@@ -114,5 +111,6 @@ def test_engine_logs_the_curve_from_iteration_zero_and_keeps_the_weights(tmp_pat
 
 
 def test_eval_interval_must_fall_on_logged_steps():
-    with pytest.raises(ValueError, match="corr_eval_every=3 is not a multiple of log_every=2"):
+    with pytest.raises(ConfigValueError, match="pretrain.corr_eval_every=3 is invalid: must be a multiple of "
+                       "pretrain.log_every=2"):
         tiny_config(corr_eval_crop=128, corr_eval_every=3, log_every=2).validate()

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from densecl.engine import DataConfig, PretrainConfig, check_sync_bn
+from densecl.config import BackboneConfig, DataConfig, PretrainConfig, TrainingConfig
+from densecl.distributed import DistEnv
+from densecl.engine import prepare_device
 
 
 def free_port() -> int:
@@ -27,8 +29,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn
     built, shuffles = [], []
     build_model, shuffle_batch = engine.build_model, model_module.shuffle_batch
 
-    def capture_model(cfg):
-        built.append(build_model(cfg))
+    def capture_model(cfg, env, device):
+        built.append(build_model(cfg, env, device))
         return built[-1]
 
     def counting_shuffle(x, local=False):
@@ -39,9 +41,11 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn
     engine.build_model = capture_model
     model_module.shuffle_batch = counting_shuffle
     cfg = PretrainConfig(
-        arch="resnet18", crop_size=64, batch_size=4, queue_len=16, iters=3, epochs=None, num_workers=0,
-        data=DataConfig(kind="synthetic", num_images=32, image_size=64), progress=False, device="cpu",
-        ckpt_every=100, log_every=1, bn_splits=bn_splits,
+        backbone=BackboneConfig(arch="resnet18"),
+        data=DataConfig(kind="synthetic", num_images=32, image_size=64),
+        pretrain=TrainingConfig(crop_size=64, batch_size=4, queue_len=16, iters=3, epochs=None, num_workers=0,
+                                progress=False, ckpt_every=100, log_every=1, bn_splits=bn_splits),
+        device="cpu",
     )
     result = engine.pretrain(cfg, out_dir)
     model = built[0]
@@ -74,6 +78,8 @@ def test_two_gloo_processes_train_in_lockstep_with_shuffle_bn(tmp_path, bn_split
 
 
 def test_sync_bn_on_cpu_is_a_clear_error():
-    check_sync_bn(True, 1, torch.device("cpu"))  # one process: plain BN, nothing to synchronise
-    with pytest.raises(ValueError, match="sync_bn=True needs CUDA"):
-        check_sync_bn(True, 2, torch.device("cpu"))
+    cfg = PretrainConfig(pretrain=TrainingConfig(sync_bn=True))
+    cpu = torch.device("cpu")
+    assert prepare_device(cfg, DistEnv(0, 1, 0), cpu) == cpu  # one process: plain BN, nothing to synchronise
+    with pytest.raises(ValueError, match="pretrain.sync_bn=true needs CUDA"):
+        prepare_device(cfg, DistEnv(0, 2, 0), cpu)

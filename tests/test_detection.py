@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from densecl.transfer.detection import COCODetectionConfig, VOCDetectionConfig
+from densecl.config import ConfigValueError
+from densecl.transfer.configs import COCODetectionConfig, VOCDetectionConfig
 
 # A few iterations at 96 px with ResNet-18: warm-up and gradient clipping keep random heads finite.
 TINY = dict(
@@ -63,8 +64,9 @@ def test_configs_default_to_the_protocol_and_scale():
     assert short.steps == (180, 220) and short.warmup_iters == 1
     coco = COCODetectionConfig()
     assert (coco.max_iter, coco.steps, coco.box_head_convs, coco.box_head_fcs) == (90000, (60000, 80000), 4, 1)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ConfigValueError, match="steps=") as err:
         VOCDetectionConfig(max_iter=100).validate()
+    assert err.value.key == "steps"
 
 
 @pytest.mark.detectron2
@@ -75,7 +77,7 @@ def test_evaluators_give_100_for_ground_truth(synthetic_root, tmp_path):
     from pycocotools import mask as mask_utils
 
     from densecl.transfer.data import register_datasets
-    from densecl.transfer.detection import coco_trainer, voc_trainer
+    from densecl.transfer.detection import COCODetectionTrainer, VOCDetectionTrainer
 
     register_datasets(["synthetic_voc_val", "synthetic_coco_val"], synthetic_root=str(synthetic_root))
 
@@ -90,14 +92,14 @@ def test_evaluators_give_100_for_ground_truth(synthetic_root, tmp_path):
             inst.pred_masks = BitMasks(torch.tensor(decoded, dtype=torch.bool)).tensor
         return {"instances": inst}
 
-    voc = voc_trainer().build_evaluator(None, "synthetic_voc_val")
+    voc = VOCDetectionTrainer.build_evaluator(None, "synthetic_voc_val")
     voc.reset()
     for record in DatasetCatalog.get("synthetic_voc_val"):
         voc.process([record], [as_predictions(record, masks=False)])
     ap = voc.evaluate()["bbox"]
     assert ap["AP50"] == pytest.approx(100.0) and ap["AP"] == pytest.approx(100.0)
 
-    coco = coco_trainer().build_evaluator(None, "synthetic_coco_val", str(tmp_path))
+    coco = COCODetectionTrainer.build_evaluator(None, "synthetic_coco_val", str(tmp_path))
     coco._distributed = False
     coco.reset()
     for record in DatasetCatalog.get("synthetic_coco_val"):

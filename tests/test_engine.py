@@ -8,40 +8,39 @@ import torch
 import torchvision
 from torch import nn
 
-from densecl.engine import (
-    CHECKPOINT_NAME,
+from densecl.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_trained_model
+from densecl.config import (
+    BackboneConfig,
+    ConfigValueError,
     DataConfig,
-    NonFiniteLossError,
+    MatchingConfig,
+    ModelConfig,
     PretrainConfig,
-    ResumableSampler,
-    load_checkpoint,
-    load_trained_model,
-    lr_factor,
-    pretrain,
-    scaled_lr,
+    TrainingConfig,
 )
+from densecl.engine import pretrain
 from densecl.export import load_backbone_weights
 from densecl.model import DenseCL
+from densecl.optim import lr_factor, scaled_lr
+from densecl.resume import SettingsChangedError
+from densecl.sampling import ResumableSampler
+from densecl.trainer import NonFiniteLossError
 
 
-def tiny_config(**overrides) -> PretrainConfig:
-    values = dict(
-        arch="resnet18",
-        crop_size=64,
-        batch_size=4,
-        queue_len=16,
-        data=DataConfig(kind="synthetic", num_images=16, image_size=64, seed=0),
-        iters=6,
-        epochs=None,
-        ckpt_every=2,
-        log_every=1,
-        num_workers=0,
-        deterministic=True,
-        progress=False,
+def tiny_config(model: dict | None = None, matching: str = "backbone", data: DataConfig | None = None,
+                **pretrain) -> PretrainConfig:
+    """A few CPU iterations of ResNet-18 at 64 px; keyword arguments are `pretrain` section fields."""
+    train = dict(crop_size=64, batch_size=4, queue_len=16, iters=6, epochs=None, ckpt_every=2, log_every=1,
+                 num_workers=0, deterministic=True, progress=False)
+    train.update(pretrain)
+    return PretrainConfig(
+        backbone=BackboneConfig(arch="resnet18"),
+        model=ModelConfig(**(model or {})),
+        matching=MatchingConfig(name=matching),
+        data=data or DataConfig(kind="synthetic", num_images=16, image_size=64, seed=0),
+        pretrain=TrainingConfig(**train),
         device="cpu",
     )
-    values.update(overrides)
-    return PretrainConfig(**values)
 
 
 def test_lr_scales_with_total_batch_and_follows_cosine():
@@ -122,26 +121,48 @@ def test_rerun_of_a_finished_run_does_no_work(tmp_path):
 
 def test_resume_with_another_configuration_is_refused(tmp_path):
     pretrain(tiny_config(iters=2), tmp_path)
-    with pytest.raises(ValueError, match="matching: checkpoint 'backbone' vs now 'random'"):
+    with pytest.raises(SettingsChangedError, match="matching.name: 'backbone' then, 'random' now"):
         pretrain(tiny_config(iters=2, matching="random"), tmp_path)
 
 
 def test_a_checkpoint_from_before_a_new_option_resumes_as_its_default(tmp_path):
-    """Options added later (bn_splits, corr_eval_*) are absent from older checkpoints: those runs had the
-    default, so they resume; a saved value that differs is still refused."""
+    """Options added later (bn_splits, corr_eval_*, lr_schedule) are absent from older checkpoints: those runs
+    had the default, so they resume; a saved value that differs is still refused."""
     stops = iter([False, True])
     pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path, should_stop=lambda: next(stops, False))
     path = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(path)
-    for key in ("bn_splits", "corr_eval_crop", "corr_eval_pairs", "corr_eval_every"):
-        del state["config"][key]
+    for key in ("bn_splits", "corr_eval_crop", "corr_eval_pairs", "corr_eval_every", "lr_schedule"):
+        del state["config"]["pretrain"][key]
     torch.save(state, path)
     assert pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path).iterations == 4
     state = load_checkpoint(path)
-    state["config"]["bn_splits"] = 2
+    state["config"]["pretrain"]["bn_splits"] = 2
     torch.save(state, path)
-    with pytest.raises(ValueError, match="bn_splits: checkpoint 2 vs now 1"):
+    with pytest.raises(SettingsChangedError, match="pretrain.bn_splits: 2 then, 1 now"):
         pretrain(tiny_config(iters=6, ckpt_every=100), tmp_path)
+
+
+def test_a_checkpoint_written_before_the_settings_had_sections_resumes(tmp_path):
+    """Checkpoints of earlier versions kept one flat dict of settings (`arch`, `matching`, `iters`, ...):
+    read into sections, the same settings resume and a differing one is refused under its new key."""
+    stops = iter([False, True])
+    cfg = tiny_config(iters=4, ckpt_every=100, model=dict(loss_lambda=0.3))
+    pretrain(cfg, tmp_path, should_stop=lambda: next(stops, False))
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    sections = state["config"]
+    flat = {**sections["pretrain"], "arch": sections["backbone"]["arch"], "matching": sections["matching"]["name"],
+            **{k: v for k, v in sections["model"].items() if k != "name"}, "data": sections["data"],
+            "seed": sections["seed"], "device": sections["device"]}
+    for key in ("weights", "figure", "lr_schedule"):
+        del flat[key]
+    state["config"] = flat
+    torch.save(state, path)
+    assert PretrainConfig.from_dict(flat) == cfg
+    with pytest.raises(SettingsChangedError, match="model.loss_lambda: 0.3 then, 0.5 now"):
+        pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path)
+    assert pretrain(cfg, tmp_path).iterations == 4
 
 
 def test_length_in_epochs(tmp_path):
@@ -150,9 +171,22 @@ def test_length_in_epochs(tmp_path):
     assert result.iterations == 8 and steps == list(range(1, 9))  # 16 images / batch 4 = 4 per epoch
 
 
+def test_the_cosine_can_step_once_per_epoch(tmp_path):
+    """mmcv's CosineAnnealing with by_epoch (the official configs): the lr holds for an epoch, then moves."""
+    assert [lr_factor(s, 8, 0, steps_per_epoch=4) for s in range(8)] == [1.0] * 4 + [pytest.approx(0.5)] * 4
+    assert lr_factor(5, 8, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 8)))  # per iteration: moves
+    lrs = {}
+    pretrain(tiny_config(iters=None, epochs=2, lr_schedule="epoch", base_lr=0.64), tmp_path,
+             on_step=lambda s, m: lrs.update({s: m["lr"]}))  # 4 steps per epoch; lr = 0.01 x factor
+    assert [lrs[s] for s in range(1, 9)] == pytest.approx([0.01] * 3 + [0.005] * 4 + [0.0])
+    with pytest.raises(ConfigValueError, match="pretrain.lr_schedule='epoch' is invalid: .*pretrain.epochs"):
+        tiny_config(lr_schedule="epoch").validate()
+
+
 def test_metrics_callback_reports_the_promised_keys(tmp_path):
     seen = []
-    pretrain(tiny_config(iters=2, lambda_warmup_iters=1), tmp_path, on_step=lambda s, m: seen.append((s, m)))
+    cfg = tiny_config(iters=2, model=dict(lambda_warmup_iters=1))
+    pretrain(cfg, tmp_path, on_step=lambda s, m: seen.append((s, m)))
     keys = {"loss", "loss_global", "loss_dense", "lr", "lambda", "images_per_sec", "corr_acc", "corr_acc_chance"}
     assert [s for s, _ in seen] == [1, 2]
     for _, m in seen:
@@ -181,7 +215,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_pa
 
 
 def test_queue_not_divisible_by_global_batch_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="queue_len=18 is not divisible by the global batch 4"):
+    with pytest.raises(ConfigValueError, match="pretrain.queue_len=18 is invalid: .* global batch 4"):
         pretrain(tiny_config(queue_len=18), tmp_path)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
@@ -200,7 +234,7 @@ def test_exported_backbone_loads_into_torchvision_strictly(tmp_path):
     net.fc = nn.Identity()
     net.load_state_dict(weights, strict=True)
     model, cfg = load_trained_model(result.checkpoint_path)
-    assert cfg.arch == "resnet18"
+    assert cfg.backbone.arch == "resnet18"
     for key, value in model.encoder_q.backbone.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
     # the same weights are reachable from the training checkpoint itself
@@ -209,23 +243,25 @@ def test_exported_backbone_loads_into_torchvision_strictly(tmp_path):
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown pre-training config keys \['lamda'\]"):
-        PretrainConfig.from_dict({"lamda": 0.5})
-    cfg = PretrainConfig.from_dict({"arch": "resnet18", "data": {"kind": "synthetic", "num_images": 8}})
-    assert cfg.data.num_images == 8
+    with pytest.raises(ConfigValueError, match=r"model.lamda=0.5 is invalid: unknown key; known: name, loss_lambda"):
+        PretrainConfig.from_dict({"model": {"lamda": 0.5}})
+    cfg = PretrainConfig.from_dict({"backbone": {"arch": "resnet18"}, "data": {"kind": "synthetic", "num_images": 8}})
+    assert cfg.data.num_images == 8 and cfg.backbone.arch == "resnet18"
+    assert PretrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(iters=None, epochs=None), "exactly one of iters / epochs"),
-        (dict(amp="fp8"), "amp='fp8'"),
-        (dict(data=DataConfig(kind="lmdb")), "data.kind='lmdb'"),
-        (dict(batch_size=0), "batch_size=0"),
+        (dict(iters=None, epochs=None), "pretrain.iters=None is invalid: set exactly one of pretrain.iters"),
+        (dict(amp="fp8"), "pretrain.amp='fp8' is invalid"),
+        (dict(data=DataConfig(kind="lmdb")), "data.kind='lmdb' is invalid"),
+        (dict(batch_size=0), "pretrain.batch_size=0 is invalid"),
+        (dict(model=dict(momentum=1.0)), r"model.momentum=1.0 is invalid: allowed: a value in \[0, 1\)"),
     ],
 )
 def test_invalid_config_messages(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigValueError, match=message):
         tiny_config(**overrides).validate()
 
 

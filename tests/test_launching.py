@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from densecl.distributed import env_from_variables
 from pipelines import launching
 
 TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -61,7 +62,7 @@ def test_not_distributed_is_rank_zero_and_export_is_a_no_op(clean_env):
     launching.export_distributed_env()
     assert dict(os.environ) == before
     assert launching.global_rank() == 0
-    assert launching.world_size() == 1
+    assert env_from_variables().world_size == 1  # what the engine reads
     assert launching.is_global_rank_zero()
     assert not launching.under_submitit()
 
@@ -78,7 +79,7 @@ def test_slurm_task_exports_torch_env(clean_env):
     assert os.environ["MASTER_ADDR"] == "gpu07"  # first node of the job
     assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # SLURM's GPU list is kept
-    assert launching.global_rank() == 3 and launching.world_size() == 4
+    assert launching.global_rank() == 3 and env_from_variables().world_size == 4
 
 
 def test_all_tasks_of_a_job_agree_on_master_and_ranks_are_distinct(clean_env):
@@ -111,7 +112,7 @@ def test_torchrun_variables_are_left_alone_even_under_submitit(clean_env):
         clean_env.setenv(k, v)
     launching.export_distributed_env()
     assert {k: os.environ[k] for k in torchrun} == torchrun
-    assert launching.global_rank() == 5 and launching.world_size() == 8
+    assert launching.global_rank() == 5 and env_from_variables().world_size == 8
 
 
 def test_rank_inherited_from_the_submitting_shell_is_replaced(clean_env):
@@ -131,7 +132,7 @@ def test_torchrun_without_submitit(clean_env):
     before = dict(os.environ)
     launching.export_distributed_env()
     assert dict(os.environ) == before
-    assert launching.is_global_rank_zero() and launching.world_size() == 2
+    assert launching.is_global_rank_zero() and env_from_variables().world_size == 2
     clean_env.setenv("RANK", "1")
     assert not launching.is_global_rank_zero()
 

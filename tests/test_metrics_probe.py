@@ -1,13 +1,16 @@
 """Segmentation scores against a slow per-class loop, and the dense linear probe end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from densecl.config import ConfigValueError
 from densecl.metrics import confusion_matrix, segmentation_scores
 from densecl.probe import LinearProbeConfig, feature_rank, run_linear_probe
+from densecl.resume import SettingsChangedError
 
 
 def slow_scores(pred, target, num_classes, ignore=255):
@@ -64,8 +67,16 @@ def test_linear_probe_runs_and_caches(tmp_path):
     assert 1.0 <= metrics["feature_rank"] <= 16 * 3 * 3  # bounded by the positions: 16 images x C5's 3 x 3
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert run_linear_probe(cfg, None, tmp_path) == metrics  # finished: read back, not recomputed
-    with pytest.raises(ValueError, match="another probe configuration"):
-        run_linear_probe(LinearProbeConfig(**{**cfg.__dict__, "epochs": 3}), None, tmp_path)
+    with pytest.raises(SettingsChangedError, match="config.epochs: 2 then, 3 now"):
+        run_linear_probe(dataclasses.replace(cfg, epochs=3), None, tmp_path)
+    assert run_linear_probe(dataclasses.replace(cfg, device="auto"), None, tmp_path) == metrics  # changes no result
+    # a folder probed before `class_weighting` existed ran with its default: read back, not refused
+    recorded = json.loads((tmp_path / "probe_config.json").read_text())
+    del recorded["config"]["class_weighting"]
+    (tmp_path / "probe_config.json").write_text(json.dumps(recorded))
+    assert run_linear_probe(cfg, None, tmp_path) == metrics
+    with pytest.raises(SettingsChangedError, match="config.class_weighting: 'none' then, 'balanced' now"):
+        run_linear_probe(dataclasses.replace(cfg, class_weighting="balanced"), None, tmp_path)
 
 
 def test_linear_probe_rejects_mismatched_weights(tmp_path):
@@ -129,7 +140,7 @@ def test_balanced_class_weights_are_median_frequency_and_zero_for_absent_classes
     weights = class_weights(labels, 4, "balanced")
     assert weights.tolist() == pytest.approx([0.16 / 0.8, 1.0, 0.0, 0.16 / 0.04])
     assert class_weights(labels, 4, "none") is None
-    with pytest.raises(ValueError, match="probe.class_weighting='inverse'"):
+    with pytest.raises(ConfigValueError, match="class_weighting='inverse' is invalid: allowed: none, balanced"):
         LinearProbeConfig(class_weighting="inverse").validate()
 
 

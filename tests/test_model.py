@@ -7,6 +7,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from densecl.config import (
+    BackboneConfig,
+    ConfigValueError,
+    MatchingConfig,
+    ModelConfig,
+    PretrainConfig,
+    TrainingConfig,
+)
 from densecl.model import DenseCL
 
 
@@ -75,10 +83,11 @@ def test_queue_wraps_around():
     torch.testing.assert_close(m.queue_global[:, 4:], keys[1].T)
 
 
-def test_queue_length_must_be_divisible_by_batch():
-    m = tiny(queue_len=10)
-    with pytest.raises(ValueError, match="queue_len=10 is not divisible by the global batch 4"):
-        m._enqueue(m.queue_global, m.queue_global_ptr, torch.randn(4, 128))
+def test_queue_length_must_be_divisible_by_the_global_batch():
+    cfg = PretrainConfig(pretrain=TrainingConfig(queue_len=10, batch_size=4))
+    with pytest.raises(ConfigValueError, match="pretrain.queue_len=10 is invalid: must be divisible by the global "
+                       r"batch 8 \(pretrain.batch_size=4 x 2 processes\)"):
+        cfg.validate(world_size=2)
 
 
 def test_queues_receive_normalised_keys_and_pooled_dense_vectors():
@@ -150,18 +159,26 @@ def test_geometric_matching_needs_boxes():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "sections, message",
     [
-        (dict(matching="nearest"), "matching='nearest': expected one of backbone, projection, random, geometric"),
-        (dict(loss_lambda=1.5), r"loss_lambda=1.5: expected a value in \[0, 1\]"),
-        (dict(num_regions=0), "num_regions=0"),
-        (dict(num_regions=17), "num_regions=17"),
-        (dict(arch="resnet7"), "resnet7"),
+        (dict(matching=MatchingConfig(name="nearest")),
+         "matching.name='nearest' is invalid: allowed: backbone, projection, random, geometric"),
+        (dict(model=ModelConfig(loss_lambda=1.5)), r"model.loss_lambda=1.5 is invalid: allowed: a value in \[0, 1\]"),
+        (dict(model=ModelConfig(num_regions=0)), "model.num_regions=0 is invalid"),
+        (dict(model=ModelConfig(num_regions=17)), "model.num_regions=17 is invalid"),
+        (dict(backbone=BackboneConfig(arch="resnet7")), "backbone.arch='resnet7' is invalid"),
     ],
 )
-def test_invalid_hyperparameters_name_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**kwargs)
+def test_invalid_hyperparameters_name_the_key(sections, message):
+    with pytest.raises(ConfigValueError, match=message):
+        PretrainConfig(**sections).validate()
+
+
+def test_the_model_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="'nearest' is not a valid Matching"):
+        tiny(matching="nearest")
+    with pytest.raises(ValueError, match="resnet7"):
+        tiny(arch="resnet7")
 
 
 def test_backbone_keys_are_torchvision_keys():

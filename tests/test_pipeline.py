@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from pipelines import report
+from densecl.resume import SettingsChangedError
+from pipelines import report, schema
 from pipelines.preemption import GracefulStop
-from pipelines.schema import pretrain_config
-from pipelines.stages import DONE, StageError, planned_stages, run_stages, stage_settings
+from pipelines.stages import DONE, planned_stages, run_stages, stage_settings
 from pipelines.tracking import PARENT_TAG, RunLogger, Tracker
 
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")
@@ -170,8 +169,7 @@ def test_downstream_stages_run_on_user_weights(sweep, tmp_path):
 
 
 def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return schema.compose(overrides, return_hydra_config=False)
 
 
 class Recorder(RunLogger):
@@ -199,7 +197,7 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path):
     from densecl.engine import pretrain
 
     cfg = compose_cfg(*TINY, "pretrain.log_every=1", "pretrain.figure.enabled=false", "stages=[pretrain]")
-    partial = pretrain(pretrain_config(cfg), tmp_path / "pretrain", should_stop=lambda: True)
+    partial = pretrain(schema.settings(cfg).pretrain_config(), tmp_path / "pretrain", should_stop=lambda: True)
     assert not partial.completed and partial.iterations == 1 and partial.checkpoint_path.is_file()
     assert not (tmp_path / "pretrain" / DONE).exists()
     recorder = Recorder()
@@ -266,9 +264,9 @@ def test_an_image_folder_reaches_the_engine_and_the_figure(tmp_path):
         Image.new("RGB", (48, 40), (60 * i, 20, 20)).save(tmp_path / "imgs" / "sub" / f"{i}.jpg")
     (tmp_path / "imgs" / "broken.png").write_text("not an image")
     cfg = compose_cfg("data=image_folder", f"data.root={tmp_path / 'imgs'}")
-    data = pretrain_config(cfg).data
+    data = schema.settings(cfg).data
     assert (data.kind, data.root) == ("image_folder", str(tmp_path / "imgs"))
-    images = _figure_images(cfg, 2)
+    images = _figure_images(schema.settings(cfg), 2)
     assert [im.size for im in images] == [(48, 40), (48, 40)]
 
 
@@ -292,7 +290,7 @@ def test_a_finished_stage_with_other_settings_stops_the_rerun_instead_of_being_s
     assert done["settings"]["downstream.probe.epochs"] == "1"
     # random init has no pre-training: its settings are not among the probe's, so the stage is skipped
     assert run_stages(compose_cfg(*tiny, "pretrain.base_lr=0.5"), job, RunLogger()) == first
-    with pytest.raises(StageError, match=r"downstream\.probe\.epochs: 1 when it ran, 2 now.*another name="):
+    with pytest.raises(SettingsChangedError, match=r"downstream\.probe\.epochs: '1' then, '2' now.*another name="):
         run_stages(compose_cfg(*tiny, "downstream.probe.epochs=2"), job, RunLogger())
     assert json.loads((job / "probe" / DONE).read_text()) == done  # nothing overwritten
     # a marker from before settings were saved cannot be checked: skipped, as it always was

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from densecl.transfer.segmentation import SegmentationConfig, semseg_metrics
+from densecl.config import ConfigValueError
+from densecl.transfer.configs import SegmentationConfig
 
 TINY = dict(
     max_iter=4, ims_per_batch=2, crop_size=64, img_scale=(256, 64), warmup_iters=1, num_workers=0,
@@ -30,11 +31,13 @@ def synthetic_root(tmp_path_factory):
 
 
 def test_metrics_from_a_confusion_matrix():
-    perfect = semseg_metrics(np.diag([5, 3, 0]), ["a", "b", "c"])
+    from densecl.metrics import segmentation_scores
+
+    perfect = segmentation_scores(np.diag([5, 3, 0]), ["a", "b", "c"])
     assert perfect["mIoU"] == perfect["mAcc"] == perfect["pAcc"] == perfect["fwIoU"] == 100.0
     assert "IoU-c" not in perfect  # absent from ground truth and prediction: undefined, not 0
     confusion = np.array([[3, 1], [0, 4]])  # gt rows, prediction columns
-    m = semseg_metrics(confusion)
+    m = segmentation_scores(confusion)
     assert m["pAcc"] == pytest.approx(100 * 7 / 8)
     assert m["mAcc"] == pytest.approx(100 * (3 / 4 + 1) / 2)
     assert m["mIoU"] == pytest.approx(100 * (3 / 4 + 4 / 5) / 2)
@@ -49,8 +52,9 @@ def test_presets_follow_the_protocol():
     )  # fmt: skip
     assert (city.crop_size, city.max_iter, city.test_mode, city.slide_stride) == (769, 40000, "slide", 513)
     assert city.names() == ("cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val")
-    with pytest.raises(ValueError, match="dataset"):
+    with pytest.raises(ConfigValueError, match="dataset=") as err:
         SegmentationConfig(dataset="ade20k").validate()
+    assert err.value.key == "dataset"
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -85,10 +89,10 @@ def test_evaluator_gives_100_for_ground_truth(synthetic_root):
     from detectron2.data import DatasetCatalog
 
     from densecl.transfer.data import register_datasets
-    from densecl.transfer.segmentation import read_label, sem_seg_evaluator
+    from densecl.transfer.segmentation import SemSegMetrics, read_label
 
     register_datasets(["synthetic_seg_val"], synthetic_root=str(synthetic_root))
-    evaluator = sem_seg_evaluator("synthetic_seg_val", distributed=False)
+    evaluator = SemSegMetrics("synthetic_seg_val", distributed=False)
     evaluator.reset()
     for record in DatasetCatalog.get("synthetic_seg_val"):
         label = torch.as_tensor(read_label(record["sem_seg_file_name"]))
@@ -131,7 +135,9 @@ def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
     assert "resuming from" in (out / "log.txt").read_text()
 
 
+@pytest.mark.detectron2
 def test_bf16_autocasts_the_training_forward_only():
+    pytest.importorskip("detectron2")
     from densecl.transfer.engine import autocast_training_forward
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
@@ -143,6 +149,7 @@ def test_bf16_autocasts_the_training_forward_only():
     assert list(model.state_dict()) == keys and model[0].weight.dtype == torch.float32
 
 
+@pytest.mark.detectron2
 def test_tiny_bf16_run_trains_and_evaluates(synthetic_root, tmp_path):
     pytest.importorskip("detectron2")
     from densecl.transfer.segmentation import run_semantic_segmentation
@@ -152,5 +159,5 @@ def test_tiny_bf16_run_trains_and_evaluates(synthetic_root, tmp_path):
     assert 0.0 <= metrics["mIoU"] <= 100.0
     losses = [json.loads(line)["total_loss"] for line in (tmp_path / "seg" / "train_log.json").read_text().splitlines()]
     assert losses and all(math.isfinite(v) for v in losses)
-    with pytest.raises(ValueError, match="amp='fp16'"):
+    with pytest.raises(ConfigValueError, match="amp='fp16'"):
         SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "amp": "fp16"}).validate()

@@ -189,13 +189,9 @@ def load_state_dict(path: Path) -> dict:
 
 def test_slurm_launcher_config_exposes_cluster_keys_and_requeues():
     """`hydra/launcher=submitit_slurm` composes with the cluster keys and a retry budget (max_num_timeout > 0)."""
-    from hydra import compose, initialize_config_dir
+    from pipelines import schema
 
-    from pipelines import schema  # noqa: F401  (registers the schema and resolvers)
-
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    cfg = schema.compose(["hydra/launcher=submitit_slurm"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     for key in (
@@ -288,7 +284,7 @@ def test_pretraining_with_two_tasks_per_node_runs_ddp(job_name, tmp_path):
     assert len(ckpt["rng"]) == 2, "checkpoint holds the RNG state of 1 rank: the tasks did not form one group"
     # the learning rate is scaled with the global batch, i.e. with the world size the engine saw
     group = ckpt["optimizer"]["param_groups"][0]
-    base_lr, batch = ckpt["config"]["base_lr"], ckpt["config"]["batch_size"]
+    base_lr, batch = ckpt["config"]["pretrain"]["base_lr"], ckpt["config"]["pretrain"]["batch_size"]
     assert group["initial_lr"] == pytest.approx(base_lr * batch * 2 / 256)
     assert (job / "pretrain" / "backbone.pth").is_file()
 

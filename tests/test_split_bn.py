@@ -5,10 +5,18 @@ import torch
 from torch import nn
 from torchvision import models
 
+from densecl.config import BackboneConfig, ConfigValueError, PretrainConfig, TrainingConfig
 from densecl.distributed import shuffle_batch, unshuffle_batch
-from densecl.engine import PretrainConfig, build_model
 from densecl.export import backbone_state_dict
+from densecl.model import DenseCL
 from densecl.split_bn import SplitBatchNorm2d, convert_split_batchnorm
+
+
+def split_config(bn_splits: int) -> PretrainConfig:
+    return PretrainConfig(
+        backbone=BackboneConfig(arch="resnet18"),
+        pretrain=TrainingConfig(queue_len=16, batch_size=8, bn_splits=bn_splits, crop_size=64),
+    )
 
 
 def reference_group_norm(x, weight, bias, eps, groups):
@@ -103,9 +111,9 @@ def test_local_shuffle_permutes_and_unshuffle_restores():
 
 def test_model_with_split_bn_trains_and_exports_torchvision_keys():
     torch.manual_seed(0)
-    cfg = PretrainConfig(arch="resnet18", queue_len=16, batch_size=8, bn_splits=4, crop_size=64)
+    cfg = split_config(bn_splits=4)
     cfg.validate()
-    model = build_model(cfg)
+    model = DenseCL.from_config(cfg)
     assert isinstance(model.encoder_k.backbone.bn1, SplitBatchNorm2d)
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
     out = model(torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64))
@@ -120,7 +128,7 @@ def test_key_encoder_sees_the_batch_shuffled_across_groups():
     """The positive key must be normalised with other images than its query: the key encoder receives a
     permutation of the batch, and its outputs come back in the original order."""
     torch.manual_seed(0)
-    model = build_model(PretrainConfig(arch="resnet18", queue_len=16, batch_size=8, bn_splits=2, crop_size=64))
+    model = DenseCL.from_config(split_config(bn_splits=2))
     seen = []
     model.encoder_k.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     im_k = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 64, 64).contiguous()
@@ -132,12 +140,13 @@ def test_key_encoder_sees_the_batch_shuffled_across_groups():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"batch_size": 6, "bn_splits": 4, "queue_len": 12}, "batch_size=6 does not split into bn_splits=4"),
+        ({"batch_size": 6, "bn_splits": 4, "queue_len": 12},
+         "pretrain.bn_splits=4 is invalid: must divide pretrain.batch_size=6 into equal BN groups"),
         ({"bn_splits": 2, "sync_bn": True}, "choose split BN or SyncBN"),
-        ({"bn_splits": 0}, "bn_splits=0"),
+        ({"bn_splits": 0}, "pretrain.bn_splits=0 is invalid"),
     ],
 )
 def test_bad_split_settings_are_clear_errors(changes, message):
-    cfg = PretrainConfig(**{"queue_len": 64, **changes})
-    with pytest.raises(ValueError, match=message):
+    cfg = PretrainConfig(pretrain=TrainingConfig(**{"queue_len": 64, **changes}))
+    with pytest.raises(ConfigValueError, match=message):
         cfg.validate()

@@ -19,8 +19,8 @@ def store(tmp_path_factory):
     return tracker, experiment, root
 
 
-def test_flatten_gives_dotted_string_params():
-    flat = tracking.flatten(
+def test_a_config_becomes_dotted_string_params():
+    flat = tracking.as_params(
         {"model": {"name": "densecl", "S": None}, "stages": ["a", "b"], "lr": 0.5, "e": {}}
     )
     assert flat == {
@@ -30,7 +30,7 @@ def test_flatten_gives_dotted_string_params():
         "lr": "0.5",
         "e": "{}",
     }
-    assert len(tracking.flatten({"x": "y" * 10000})["x"]) == tracking.MAX_PARAM_VALUE
+    assert len(tracking.as_params({"x": "y" * 10000})["x"]) == tracking.MAX_PARAM_VALUE
 
 
 def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):

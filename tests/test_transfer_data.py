@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from densecl.transfer.data import DatasetLayoutError, check_dataset, dataset_kind
-from densecl.transfer.detection import VOCDetectionConfig, run_voc_detection
+from densecl.config import ConfigValueError
+from densecl.transfer.configs import SegmentationConfig, VOCDetectionConfig
+from densecl.transfer.layouts import DatasetLayoutError, check_dataset, dataset_kind, resolve_dataset
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,11 @@ def test_synthetic_sets_check_and_kinds(synthetic_root, tmp_path):
         dataset_kind("voc_2099_test")
 
 
+@pytest.mark.detectron2
 def test_stage_fails_on_missing_data_before_training(tmp_path):
+    pytest.importorskip("detectron2")
+    from densecl.transfer.detection import run_voc_detection
+
     cfg = VOCDetectionConfig(data_root=str(tmp_path / "datasets"), device="cpu")
     with pytest.raises(DatasetLayoutError, match=str(tmp_path / "datasets" / "VOC2007")):
         run_voc_detection(cfg, None, str(tmp_path / "out"))
@@ -82,6 +87,15 @@ def test_register_synthetic_sets(synthetic_root):
     assert class_names("synthetic_seg_val") == ["background", *CLASS_NAMES]
 
 
+def test_check_data_names_the_missing_folder_and_skips_the_synthetic_set(tmp_path):
+    """What the pipeline runs while composing: a ConfigValueError on data_root, with check_dataset's message."""
+    cfg = VOCDetectionConfig(data_root=str(tmp_path / "datasets"))
+    with pytest.raises(ConfigValueError, match="expected layout") as info:
+        cfg.check_data()
+    assert info.value.key == "data_root" and str(tmp_path / "datasets" / "VOC2007") in str(info.value)
+    SegmentationConfig.synthetic(str(tmp_path / "not-written-yet")).check_data()  # written when the stage runs
+
+
 def _touch(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
@@ -89,8 +103,6 @@ def _touch(path):
 
 
 def test_voc_aug_and_cityscapes_layouts(tmp_path):
-    from densecl.transfer.data import _resolve
-
     voc = tmp_path / "VOC2012"
     for i in ("a", "b", "c"):
         _touch(voc / "JPEGImages" / f"{i}.jpg")
@@ -102,7 +114,7 @@ def test_voc_aug_and_cityscapes_layouts(tmp_path):
     (lists / "train.txt").write_text("a\n")
     (lists / "aug.txt").write_text("b\na\n")
     (lists / "val.txt").write_text("c\n")
-    train = _resolve("voc_2012_sem_seg_train_aug", str(tmp_path), None)
+    train = resolve_dataset("voc_2012_sem_seg_train_aug", str(tmp_path), None)
     assert [r["image_id"] for r in train["records"]] == ["a", "b"] and len(train["classes"]) == 21
     assert train["records"][1]["sem_seg_file_name"].endswith("SegmentationClassAug/b.png")
     check_dataset("voc_2012_sem_seg_val", data_root=str(tmp_path))
@@ -116,4 +128,4 @@ def test_voc_aug_and_cityscapes_layouts(tmp_path):
     with pytest.raises(DatasetLayoutError, match="lindau_000000_000019_gtFine_labelTrainIds.png"):
         check_dataset("cityscapes_fine_sem_seg_val", data_root=str(tmp_path))
     _touch(city / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png")
-    assert len(_resolve("cityscapes_fine_sem_seg_val", str(tmp_path), None)["classes"]) == 19
+    assert len(resolve_dataset("cityscapes_fine_sem_seg_val", str(tmp_path), None)["classes"]) == 19

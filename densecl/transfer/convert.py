@@ -1,20 +1,13 @@
 """Backbone weights -> detectron2 `.pkl` (MoCo's conversion), checked against the architecture's full key set.
 
-API:
-    convert_to_detectron2(src: str | Path, dst: str | Path) -> Path
-        src: anything `densecl.export.load_backbone_weights` accepts (exported backbone, densecl training
-        checkpoint, torchvision ImageNet checkpoint). dst must end with `.pkl`. Returns dst.
-    to_detectron2_keys(state_dict, arch=None) -> (dict[str, np.ndarray], arch)
-    infer_arch(state_dict) -> str            # resnet18/34/50/101/152, from the block layout
-    read_converted(path) -> dict             # the pickle written by convert_to_detectron2
-
 Key mapping (torchvision -> detectron2): conv1 -> stem.conv1, bn1 -> stem.conv1.norm, layerN -> res(N+1),
 bnK -> convK.norm, downsample.0/1 -> shortcut/shortcut.norm. Dropped: `num_batches_tracked` counters
 (a step counter, not a weight; detectron2's frozen BN has none) and a classifier `fc.*`. The pickle is
-{"model": numpy arrays, "__author__": "densecl", "matching_heuristics": True, "arch": arch}, which
-detectron2's DetectionCheckpointer loads by suffix matching into C4 (res5 in the ROI head) and FPN models.
-The weights must be torchvision-style (RGB, 0-1 input normalised by ImageNet mean/std, stride in the 3x3
-conv): the stage configs set INPUT.FORMAT RGB, the torchvision pixel statistics and STRIDE_IN_1X1 False.
+{"model": numpy arrays, "__author__": "densecl", "matching_heuristics": True, "arch": arch, "source": src},
+which detectron2's DetectionCheckpointer loads by suffix matching into C4 (res5 in the ROI head) and FPN
+models. The weights must be torchvision-style (RGB, 0-1 input normalised by ImageNet mean/std, stride in the
+3x3 conv): the stage configs set INPUT.FORMAT RGB, the torchvision pixel statistics and STRIDE_IN_1X1 False.
+No detectron2 here: the pipeline's convert stage runs without it.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ import torch
 from torchvision import models
 
 from densecl.export import load_backbone_weights
+from densecl.files import write_atomic
 
 AUTHOR = "densecl"
 BLOCKS_PER_STAGE = {
@@ -38,7 +32,7 @@ BLOCKS_PER_STAGE = {
     (3, 4, 23, 3, True): "resnet101",
     (3, 8, 36, 3, True): "resnet152",
 }
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+CONVERTIBLE_ARCHS = tuple(BLOCKS_PER_STAGE.values())
 _COUNTER = "num_batches_tracked"
 
 
@@ -61,8 +55,8 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> str:
 
 def reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Every backbone key of torchvision's `arch` (no fc, no counters) with its shape."""
-    if arch not in DEPTHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(DEPTHS)}")
+    if arch not in CONVERTIBLE_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(CONVERTIBLE_ARCHS)}")
     with torch.device("meta"):
         net = getattr(models, arch)(weights=None)
     return {
@@ -110,21 +104,16 @@ def to_detectron2_keys(
 
 
 def convert_to_detectron2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write `src`'s backbone as a detectron2 `.pkl` at `dst` (atomically) and return `dst`."""
+    """Write `src`'s backbone (anything densecl.export.load_backbone_weights accepts: exported backbone,
+    densecl training checkpoint, torchvision ImageNet checkpoint) as a detectron2 `.pkl` at `dst`, atomically;
+    returns `dst`."""
     dst = Path(dst)
     if dst.suffix != ".pkl":
         raise ValueError(f"detectron2 reads converted weights only from a .pkl file; got dst={dst}")
     weights, arch = load_backbone_weights(src)
     converted, arch = to_detectron2_keys(weights, arch)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with tmp.open("wb") as f:
-        pickle.dump(
-            {"model": converted, "__author__": AUTHOR, "matching_heuristics": True, "arch": arch, "source": str(src)},
-            f,
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
-    os.replace(tmp, dst)
+    data = {"model": converted, "__author__": AUTHOR, "matching_heuristics": True, "arch": arch, "source": str(src)}
+    write_atomic(dst, lambda f: pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL))
     return dst
 
 

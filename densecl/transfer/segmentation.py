@@ -1,128 +1,49 @@
-"""Semantic segmentation transfer: the paper's FCN on a dilated ResNet, trained with detectron2's engine.
+"""Semantic segmentation transfer: the DenseCL mmseg fork's fcn_r50-d8 on detectron2's engine (config:
+densecl.transfer.configs.SegmentationConfig).
 
-API:
-    run_semantic_segmentation(cfg: SegmentationConfig, weights: str | None, output_dir: str) -> dict[str, float]
-        keys mIoU, fwIoU, mAcc, pAcc (percent) and IoU-<class>. weights as in detection.py; output folder,
-        resume and metrics.json as in densecl.transfer.engine.
-    SegmentationConfig (flat dataclass; all StageConfig fields of engine.py too). Presets:
-        SegmentationConfig.voc(**overrides)         VOC12 train_aug -> val, 21 classes, crop 512, 20k iters,
-                                                     batch 16, whole-image test (the default field values)
-        SegmentationConfig.cityscapes(**overrides)  19 classes, crop 769, 40k iters, batch 8, slide test
-                                                     (769 window, stride 513), align_corners True
-        SegmentationConfig.synthetic(root, **overrides)  the synthetic set (9 classes), ResNet-18, 160 px
-    Fields: dataset ("voc", "cityscapes" or "synthetic"; picks train_dataset/test_dataset when those are
-        ""), train_dataset, test_dataset, crop_size, img_scale (long, short), ratio_range, cat_max_ratio,
-        photometric, test_mode ("whole" or "slide"), slide_stride, align_corners, head_channels,
-        aux_channels, dropout, aux_weight, poly_power, min_lr; solver fields (base_lr 0.01, weight_decay
-        5e-4, momentum 0.9, no warm-up, poly 0.9 down to min_lr 1e-4).
-    sem_seg_evaluator(dataset_name, distributed=True) -> SemSegMetrics: the evaluator (an int64 numpy
-        confusion matrix; works under numpy 2, unlike detectron2 v0.6's SemSegEvaluator).
-    semseg_metrics(confusion) -> dict: mIoU, fwIoU, mAcc, pAcc from a confusion matrix.
-
-Model (the DenseCL mmseg fork's fcn_r50-d8, on a plain-stem ResNet as in its "ResNetNormal"):
-    dilations (1, 1, 2, 4) and strides (1, 2, 1, 1), i.e. output stride 8, with contract_dilation (the first
-    block of a dilated stage uses half the dilation); in BasicBlocks only the first 3x3 conv is dilated.
-    Decode head on C5: two 3x3 convs of head_channels, concat with the input, one 3x3 conv, dropout 0.1,
-    1x1 classifier. Auxiliary head on C4: one 3x3 conv of aux_channels, dropout, classifier; loss x 0.4.
-    Cross-entropy ignores label 255 and is averaged over all pixels (mmseg's default of that time).
-Data (mmseg's pipeline): resize to img_scale x ratio (keeping the aspect ratio), random crop of crop_size
-trying up to 10 times for a crop where no class covers more than cat_max_ratio, flip, photometric distortion
-(brightness, contrast, saturation, hue), padding with ignore label. Test: resize to img_scale, then whole
-image or sliding window; logits are resized back to the original image for the metrics.
+Model, on a plain-stem ResNet as in the fork's "ResNetNormal": dilations (1, 1, 2, 4) and strides (1, 2, 1, 1),
+i.e. output stride 8, with contract_dilation (the first block of a dilated stage uses half the dilation); in
+BasicBlocks only the first 3x3 conv is dilated. Decode head on C5: two 3x3 convs, concat with the input, one
+3x3 conv, dropout, 1x1 classifier. Auxiliary head on C4: one 3x3 conv, dropout, classifier. Cross-entropy
+ignores label 255 and is averaged over all pixels (mmseg's default of that time).
+Data (mmseg's pipeline): resize to img_scale x ratio (keeping the aspect ratio), random crop retried for a crop
+where no class covers more than cat_max_ratio, flip, photometric distortion, padding with the ignore label.
+Test: resize to img_scale, then the whole image or a sliding window; logits are resized back to the original
+image for the metrics, accumulated in an int64 confusion matrix (detectron2 v0.6's SemSegEvaluator fails under
+numpy 2).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    detection_utils,
+)
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, build_resnet_backbone
+from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+from detectron2.structures import ImageList
+from detectron2.utils import comm
+from fvcore.common.param_scheduler import ParamScheduler
 from PIL import Image
 from torch import nn
 
 from densecl.metrics import confusion_matrix, segmentation_scores
-from densecl.transfer.data import IGNORE_LABEL
-from densecl.transfer.engine import StageConfig, base_d2_config, run_stage, transfer_trainer_class
-
-_DATASETS = {
-    "voc": ("voc_2012_sem_seg_train_aug", "voc_2012_sem_seg_val"),
-    "cityscapes": ("cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val"),
-    "synthetic": ("synthetic_seg_train", "synthetic_seg_val"),
-}
-
-
-@dataclass
-class SegmentationConfig(StageConfig):
-    dataset: str = "voc"
-    train_dataset: str = ""
-    test_dataset: str = ""
-    crop_size: int = 512
-    img_scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    photometric: bool = True
-    test_mode: str = "whole"
-    slide_stride: int = 513
-    align_corners: bool = False
-    head_channels: int = 512
-    aux_channels: int = 256
-    dropout: float = 0.1
-    aux_weight: float = 0.4
-    poly_power: float = 0.9
-    min_lr: float = 1e-4
-    max_iter: int = 20000
-    ims_per_batch: int = 16
-    base_lr: float = 0.01
-    weight_decay: float = 5e-4
-    warmup_iters: int = 0
-    precise_bn: bool = False  # mmseg keeps the training statistics
-
-    @classmethod
-    def voc(cls, **overrides) -> SegmentationConfig:
-        return cls(**overrides)
-
-    @classmethod
-    def cityscapes(cls, **overrides) -> SegmentationConfig:
-        values = dict(
-            dataset="cityscapes", crop_size=769, img_scale=(2049, 1025), test_mode="slide", slide_stride=513,
-            align_corners=True, max_iter=40000, ims_per_batch=8,
-        )  # fmt: skip
-        return cls(**{**values, **overrides})
-
-    @classmethod
-    def synthetic(cls, root: str, **overrides) -> SegmentationConfig:
-        """A CPU-sized run on the synthetic set: ResNet-18, 160 px scenes, crop 128, batch 8."""
-        values = dict(
-            dataset="synthetic", synthetic_root=str(root), arch="resnet18", crop_size=128, img_scale=(640, 160),
-            max_iter=2000, ims_per_batch=8, num_workers=2, clip_grad_norm=10.0,
-        )  # fmt: skip
-        return cls(**{**values, **overrides})
-
-    def names(self) -> tuple[str, str]:
-        if self.dataset not in _DATASETS:
-            raise ValueError(f"dataset={self.dataset!r}: expected one of {', '.join(_DATASETS)}")
-        train, test = _DATASETS[self.dataset]
-        return self.train_dataset or train, self.test_dataset or test
-
-    def dataset_names(self) -> list[str]:
-        return list(self.names())
-
-    def validate(self) -> None:
-        super().validate()
-        self.names()
-        if self.test_mode not in ("whole", "slide"):
-            raise ValueError(f"test_mode={self.test_mode!r}: expected 'whole' or 'slide'")
+from densecl.transfer.configs import SegmentationConfig
+from densecl.transfer.data import class_names
+from densecl.transfer.engine import TransferTrainer, base_d2_config, run_stage
+from densecl.transfer.layouts import IGNORE_LABEL
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def semseg_metrics(confusion: np.ndarray, class_names: list[str] | None = None) -> dict[str, float]:
-    """confusion[g, p] = pixels of ground-truth class g predicted as p: mIoU, fwIoU, mAcc, pAcc (percent)
-    and per-class IoU, by the project's one implementation (densecl.metrics)."""
-    return segmentation_scores(confusion, class_names)
-
-
 def read_label(path: str) -> np.ndarray:
     """A label map as class indices: VOC palette PNGs give their indices, gray PNGs their values."""
     with Image.open(path) as image:
@@ -131,60 +52,46 @@ def read_label(path: str) -> np.ndarray:
         return np.asarray(image, dtype=np.int64)
 
 
-def _evaluator_class():
-    from detectron2.data import MetadataCatalog
-    from detectron2.evaluation import DatasetEvaluator
-    from detectron2.utils import comm
+class SemSegMetrics(DatasetEvaluator):
+    """Accumulates a confusion matrix of argmax predictions against the label files (ignore 255)."""
 
-    class SemSegMetrics(DatasetEvaluator):
-        """Accumulates a confusion matrix of argmax predictions against the label files (ignore 255)."""
+    def __init__(self, dataset_name: str, distributed: bool = True):
+        meta = MetadataCatalog.get(dataset_name)
+        self.class_names = list(meta.stuff_classes)
+        self.num_classes = len(self.class_names)
+        self.ignore_label = meta.get("ignore_label", IGNORE_LABEL)
+        self.distributed = distributed
+        self.reset()
 
-        def __init__(self, dataset_name: str, distributed: bool = True):
-            meta = MetadataCatalog.get(dataset_name)
-            self.class_names = list(meta.stuff_classes)
-            self.num_classes = len(self.class_names)
-            self.ignore_label = meta.get("ignore_label", IGNORE_LABEL)
-            self.distributed = distributed
-            self.reset()
+    def reset(self):
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
-        def reset(self):
-            self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            pred = out["sem_seg"].argmax(dim=0).cpu().numpy().astype(np.int64)
+            gt = read_label(inp["sem_seg_file_name"])
+            if gt.shape != pred.shape:
+                raise ValueError(f"{inp['sem_seg_file_name']}: label {gt.shape} vs prediction {pred.shape}")
+            try:
+                self.confusion += confusion_matrix(pred, gt, self.num_classes, self.ignore_label)
+            except ValueError as err:
+                raise ValueError(f"{inp['sem_seg_file_name']}: {err}") from None
 
-        def process(self, inputs, outputs):
-            for inp, out in zip(inputs, outputs):
-                pred = out["sem_seg"].argmax(dim=0).cpu().numpy().astype(np.int64)
-                gt = read_label(inp["sem_seg_file_name"])
-                if gt.shape != pred.shape:
-                    raise ValueError(f"{inp['sem_seg_file_name']}: label {gt.shape} vs prediction {pred.shape}")
-                try:
-                    self.confusion += confusion_matrix(pred, gt, self.num_classes, self.ignore_label)
-                except ValueError as err:
-                    raise ValueError(f"{inp['sem_seg_file_name']}: {err}") from None
-
-        def evaluate(self):
-            confusion = self.confusion
-            if self.distributed:
-                comm.synchronize()
-                gathered = comm.gather(confusion)
-                if not comm.is_main_process():
-                    return {}
-                confusion = np.sum(gathered, axis=0)
-            return {"sem_seg": semseg_metrics(confusion, self.class_names)}
-
-    return SemSegMetrics
-
-
-def sem_seg_evaluator(dataset_name: str, distributed: bool = True):
-    """A SemSegMetrics evaluator (the class is built on first use, to keep detectron2 out of imports)."""
-    return _evaluator_class()(dataset_name, distributed)
+    def evaluate(self):
+        confusion = self.confusion
+        if self.distributed:
+            comm.synchronize()
+            gathered = comm.gather(confusion)
+            if not comm.is_main_process():
+                return {}
+            confusion = np.sum(gathered, axis=0)
+        return {"sem_seg": segmentation_scores(confusion, self.class_names)}
 
 
 # ------------------------------------------------------------------------------------------- model
 def dilate_resnet(backbone, dilations: dict[str, int], contract_dilation: bool = True) -> None:
     """Turn stride into dilation in the given detectron2 ResNet stages, in place (output stride 8 for
     {"res4": 2, "res5": 4}). The first block of a stage gets half the dilation when contract_dilation."""
-    from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
-
     for name, dilation in dilations.items():
         stage = getattr(backbone, name)
         for i, block in enumerate(stage):
@@ -216,8 +123,6 @@ class FCNHead(nn.Module):
     dropout, 1x1 classifier."""
 
     def __init__(self, in_channels, channels, num_convs, concat_input, dropout, num_classes, norm):
-        from detectron2.layers import Conv2d, get_norm
-
         super().__init__()
 
         def conv(cin):
@@ -240,84 +145,76 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(y))
 
 
-@functools.cache
-def register_fcn() -> None:
-    """Register the FCN meta-architecture with detectron2 (once)."""
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling import META_ARCH_REGISTRY
-    from detectron2.modeling.backbone.resnet import build_resnet_backbone
-    from detectron2.structures import ImageList
+@META_ARCH_REGISTRY.register()
+class DenseCLFCN(nn.Module):
+    """Dilated ResNet + FCN decode head on C5 + auxiliary FCN head on C4 (training only)."""
 
-    @META_ARCH_REGISTRY.register()
-    class DenseCLFCN(nn.Module):
-        """Dilated ResNet + FCN decode head on C5 + auxiliary FCN head on C4 (training only)."""
+    def __init__(self, cfg):
+        super().__init__()
+        f = cfg.MODEL.FCN
+        self.backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+        dilate_resnet(self.backbone, {"res4": 2, "res5": 4})
+        shapes = self.backbone.output_shape()
+        norm, classes = cfg.MODEL.RESNETS.NORM, f.NUM_CLASSES
+        self.decode_head = FCNHead(shapes["res5"].channels, f.HEAD_CHANNELS, 2, True, f.DROPOUT, classes, norm)
+        self.auxiliary_head = FCNHead(shapes["res4"].channels, f.AUX_CHANNELS, 1, False, f.DROPOUT, classes, norm)
+        self.aux_weight = f.AUX_WEIGHT
+        self.align_corners = f.ALIGN_CORNERS
+        self.test_mode, self.crop, self.stride = f.TEST_MODE, f.CROP_SIZE, f.SLIDE_STRIDE
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
-        def __init__(self, cfg):
-            super().__init__()
-            f = cfg.MODEL.FCN
-            self.backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
-            dilate_resnet(self.backbone, {"res4": 2, "res5": 4})
-            shapes = self.backbone.output_shape()
-            norm, classes = cfg.MODEL.RESNETS.NORM, f.NUM_CLASSES
-            self.decode_head = FCNHead(shapes["res5"].channels, f.HEAD_CHANNELS, 2, True, f.DROPOUT, classes, norm)
-            self.auxiliary_head = FCNHead(shapes["res4"].channels, f.AUX_CHANNELS, 1, False, f.DROPOUT, classes, norm)
-            self.aux_weight = f.AUX_WEIGHT
-            self.align_corners = f.ALIGN_CORNERS
-            self.test_mode, self.crop, self.stride = f.TEST_MODE, f.CROP_SIZE, f.SLIDE_STRIDE
-            self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
-            self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+    @property
+    def device(self):
+        return self.pixel_mean.device
 
-        @property
-        def device(self):
-            return self.pixel_mean.device
+    def _resize(self, x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
-        def _resize(self, x, size):
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+    def forward(self, batched_inputs):
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, 0, pad_value=0.0).tensor
+        if not self.training:
+            return self.inference(images, batched_inputs)
+        labels = [x["sem_seg"].to(self.device) for x in batched_inputs]
+        labels = ImageList.from_tensors(labels, 0, pad_value=IGNORE_LABEL).tensor.long()
+        features = self.backbone(images)
+        size = labels.shape[-2:]
+        main = self._resize(self.decode_head(features["res5"]), size)
+        aux = self._resize(self.auxiliary_head(features["res4"]), size)
+        # mean over all pixels, ignored ones included as zeros (mmseg's CrossEntropyLoss of that time)
+        ce = lambda logits: F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none").mean()  # noqa: E731
+        return {"loss_sem_seg": ce(main), "loss_aux": self.aux_weight * ce(aux)}
 
-        def forward(self, batched_inputs):
-            images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-            images = ImageList.from_tensors(images, 0, pad_value=0.0).tensor
-            if not self.training:
-                return self.inference(images, batched_inputs)
-            labels = [x["sem_seg"].to(self.device) for x in batched_inputs]
-            labels = ImageList.from_tensors(labels, 0, pad_value=IGNORE_LABEL).tensor.long()
-            features = self.backbone(images)
-            size = labels.shape[-2:]
-            main = self._resize(self.decode_head(features["res5"]), size)
-            aux = self._resize(self.auxiliary_head(features["res4"]), size)
-            # mean over all pixels, ignored ones included as zeros (mmseg's CrossEntropyLoss of that time)
-            ce = lambda logits: F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none").mean()  # noqa: E731
-            return {"loss_sem_seg": ce(main), "loss_aux": self.aux_weight * ce(aux)}
+    def _logits(self, image):
+        return self._resize(self.decode_head(self.backbone(image)["res5"]), image.shape[-2:])
 
-        def _logits(self, image):
-            return self._resize(self.decode_head(self.backbone(image)["res5"]), image.shape[-2:])
+    def _slide(self, image):
+        _, _, h, w = image.shape
+        crop, stride = self.crop, self.stride
+        rows = max(h - crop + stride - 1, 0) // stride + 1
+        cols = max(w - crop + stride - 1, 0) // stride + 1
+        total, count = None, image.new_zeros((1, 1, h, w))
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                logits = self._logits(image[:, :, y1:y2, x1:x2])
+                if total is None:
+                    total = image.new_zeros((1, logits.shape[1], h, w))
+                total[:, :, y1:y2, x1:x2] += logits
+                count[:, :, y1:y2, x1:x2] += 1
+        return total / count
 
-        def _slide(self, image):
-            _, _, h, w = image.shape
-            crop, stride = self.crop, self.stride
-            rows = max(h - crop + stride - 1, 0) // stride + 1
-            cols = max(w - crop + stride - 1, 0) // stride + 1
-            total, count = None, image.new_zeros((1, 1, h, w))
-            for r in range(rows):
-                for c in range(cols):
-                    y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
-                    y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-                    logits = self._logits(image[:, :, y1:y2, x1:x2])
-                    if total is None:
-                        total = image.new_zeros((1, logits.shape[1], h, w))
-                    total[:, :, y1:y2, x1:x2] += logits
-                    count[:, :, y1:y2, x1:x2] += 1
-            return total / count
-
-        def inference(self, images, batched_inputs):
-            results = []
-            for image, inp in zip(images, batched_inputs):
-                h, w = inp["image"].shape[-2:]
-                image = image[None, :, :h, :w]
-                logits = self._slide(image) if self.test_mode == "slide" else self._logits(image)
-                height, width = inp.get("height", h), inp.get("width", w)
-                results.append({"sem_seg": self._resize(logits, (height, width))[0]})
-            return results
+    def inference(self, images, batched_inputs):
+        results = []
+        for image, inp in zip(images, batched_inputs):
+            h, w = inp["image"].shape[-2:]
+            image = image[None, :, :h, :w]
+            logits = self._slide(image) if self.test_mode == "slide" else self._logits(image)
+            height, width = inp.get("height", h), inp.get("width", w)
+            results.append({"sem_seg": self._resize(logits, (height, width))[0]})
+        return results
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -365,8 +262,6 @@ class SegTrainMapper:
         self.photometric = f.PHOTOMETRIC
 
     def __call__(self, record: dict) -> dict:
-        from detectron2.data import detection_utils
-
         rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())  # seeded per worker by detectron2
         image = detection_utils.read_image(record["file_name"], format="RGB")
         label = read_label(record["sem_seg_file_name"])
@@ -407,8 +302,6 @@ class SegTestMapper:
         self.img_scale = tuple(cfg.MODEL.FCN.IMG_SCALE)
 
     def __call__(self, record: dict) -> dict:
-        from detectron2.data import detection_utils
-
         image = detection_utils.read_image(record["file_name"], format="RGB")
         h, w = image.shape[:2]
         image = _resize(image, _rescale_size(h, w, self.img_scale), nearest=False)
@@ -420,94 +313,86 @@ class SegTestMapper:
         }
 
 
-# ------------------------------------------------------------------------------------------- stage
-def _poly_scheduler(cfg, optimizer):
-    """mmseg's poly: lr = (base - min) * (1 - t / T) ** power + min, every iteration (after a warm-up)."""
-    from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
-    from fvcore.common.param_scheduler import ParamScheduler
+# ------------------------------------------------------------------------------------- schedule, trainer
+class PolyLR(ParamScheduler):
+    """mmseg's poly schedule as a multiplier of the base lr: lr = (base - min) * (1 - t / T) ** power + min."""
 
+    def __init__(self, floor: float, power: float):
+        self.floor, self.power = floor, power  # floor = min lr / base lr
+
+    def __call__(self, where: float) -> float:
+        return (1 - self.floor) * (1 - where) ** self.power + self.floor
+
+
+def poly_lr_scheduler(cfg, optimizer) -> LRMultiplier:
+    """PolyLR every iteration, after detectron2's warm-up when SOLVER.WARMUP_ITERS > 0."""
     f = cfg.MODEL.FCN
-    floor = f.MIN_LR / cfg.SOLVER.BASE_LR
-
-    class Poly(ParamScheduler):
-        def __call__(self, where: float) -> float:
-            return (1 - floor) * (1 - where) ** f.POLY_POWER + floor
-
-    schedule = Poly()
+    schedule = PolyLR(f.MIN_LR / cfg.SOLVER.BASE_LR, f.POLY_POWER)
     if cfg.SOLVER.WARMUP_ITERS > 0:
         length = min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0)
         schedule = WarmupParamScheduler(schedule, cfg.SOLVER.WARMUP_FACTOR, length, cfg.SOLVER.WARMUP_METHOD)
     return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)
 
 
-@functools.cache
-def segmentation_trainer():
-    """The segmentation stage's trainer class (built on first use: detectron2 is imported here)."""
-    from detectron2.config import CfgNode
-    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+class SegmentationTrainer(TransferTrainer):
+    """Metrics mIoU, fwIoU, mAcc, pAcc (percent) and IoU-<class>."""
 
-    from densecl.transfer.data import class_names
+    @classmethod
+    def build_d2_config(cls, cfg: SegmentationConfig, output_dir: str):
+        c = base_d2_config(cfg, output_dir)
+        train, test = cfg.names()
+        c.DATASETS.TRAIN, c.DATASETS.TEST = (train,), (test,)
+        c.MODEL.META_ARCHITECTURE = DenseCLFCN.__name__
+        c.MODEL.RESNETS.OUT_FEATURES = ["res4", "res5"]
+        c.SOLVER.WEIGHT_DECAY_NORM = cfg.weight_decay  # mmseg decays every parameter
+        c.SOLVER.STEPS = ()
+        c.DATALOADER.ASPECT_RATIO_GROUPING = False
+        c.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+        c.MODEL.FCN = CfgNode(
+            {
+                "NUM_CLASSES": len(class_names(test)),
+                "HEAD_CHANNELS": cfg.head_channels,
+                "AUX_CHANNELS": cfg.aux_channels,
+                "DROPOUT": cfg.dropout,
+                "AUX_WEIGHT": cfg.aux_weight,
+                "ALIGN_CORNERS": cfg.align_corners,
+                "TEST_MODE": cfg.test_mode,
+                "CROP_SIZE": cfg.crop_size,
+                "SLIDE_STRIDE": cfg.slide_stride,
+                "IMG_SCALE": list(cfg.img_scale),
+                "RATIO_RANGE": list(cfg.ratio_range),
+                "CAT_MAX_RATIO": cfg.cat_max_ratio,
+                "PHOTOMETRIC": cfg.photometric,
+                "POLY_POWER": cfg.poly_power,
+                "MIN_LR": cfg.min_lr,
+            }
+        )
+        return c
 
-    register_fcn()
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=SegTrainMapper(cfg))
 
-    class SegmentationTrainer(transfer_trainer_class()):
-        @classmethod
-        def build_d2_config(cls, cfg: SegmentationConfig, output_dir: str):
-            c = base_d2_config(cfg, output_dir)
-            train, test = cfg.names()
-            c.DATASETS.TRAIN, c.DATASETS.TEST = (train,), (test,)
-            c.MODEL.META_ARCHITECTURE = "DenseCLFCN"
-            c.MODEL.RESNETS.OUT_FEATURES = ["res4", "res5"]
-            c.SOLVER.WEIGHT_DECAY_NORM = cfg.weight_decay  # mmseg decays every parameter
-            c.SOLVER.STEPS = ()
-            c.DATALOADER.ASPECT_RATIO_GROUPING = False
-            c.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
-            c.MODEL.FCN = CfgNode(
-                {
-                    "NUM_CLASSES": len(class_names(test)),
-                    "HEAD_CHANNELS": cfg.head_channels,
-                    "AUX_CHANNELS": cfg.aux_channels,
-                    "DROPOUT": cfg.dropout,
-                    "AUX_WEIGHT": cfg.aux_weight,
-                    "ALIGN_CORNERS": cfg.align_corners,
-                    "TEST_MODE": cfg.test_mode,
-                    "CROP_SIZE": cfg.crop_size,
-                    "SLIDE_STRIDE": cfg.slide_stride,
-                    "IMG_SCALE": list(cfg.img_scale),
-                    "RATIO_RANGE": list(cfg.ratio_range),
-                    "CAT_MAX_RATIO": cfg.cat_max_ratio,
-                    "PHOTOMETRIC": cfg.photometric,
-                    "POLY_POWER": cfg.poly_power,
-                    "MIN_LR": cfg.min_lr,
-                }
-            )
-            return c
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=SegTestMapper(cfg))
 
-        @classmethod
-        def build_train_loader(cls, cfg):
-            return build_detection_train_loader(cfg, mapper=SegTrainMapper(cfg))
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return SemSegMetrics(dataset_name)
 
-        @classmethod
-        def build_test_loader(cls, cfg, dataset_name):
-            return build_detection_test_loader(cfg, dataset_name, mapper=SegTestMapper(cfg))
+    @classmethod
+    def summarize(cls, results: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in results["sem_seg"].items()}
 
-        @classmethod
-        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            return sem_seg_evaluator(dataset_name)
-
-        @classmethod
-        def summarize(cls, results: dict) -> dict[str, float]:
-            return {k: float(v) for k, v in results["sem_seg"].items()}
-
-        @classmethod
-        def build_lr_scheduler(cls, cfg, optimizer):
-            return _poly_scheduler(cfg, optimizer)
-
-    return SegmentationTrainer
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return poly_lr_scheduler(cfg, optimizer)
 
 
 def run_semantic_segmentation(cfg: SegmentationConfig, weights: str | None, output_dir: str) -> dict[str, float]:
-    """Fine-tune the FCN on VOC, Cityscapes or the synthetic set; return mIoU, fwIoU, mAcc, pAcc (+ per class)."""
+    """Fine-tune the FCN on VOC, Cityscapes or the synthetic set; return mIoU, fwIoU, mAcc, pAcc (+ per class).
+    weights as in densecl.transfer.detection.run_voc_detection."""
     if not isinstance(cfg, SegmentationConfig):
         raise TypeError(f"run_semantic_segmentation needs a SegmentationConfig, got {type(cfg).__name__}")
-    return run_stage("densecl.transfer.segmentation:segmentation_trainer", cfg, weights, output_dir)
+    return run_stage(SegmentationTrainer, cfg, weights, output_dir)

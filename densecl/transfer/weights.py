@@ -1,14 +1,6 @@
-"""Starting weights for a transfer stage: resolve what the user gave, load it into a detectron2 model strictly.
-
-API:
-    prepare_weights(weights: str | None, output_dir) -> str | None
-        None (random init) stays None; a `.pkl` is used as is; anything `load_backbone_weights` accepts
-        (exported backbone, densecl checkpoint, torchvision ImageNet checkpoint) is converted to
-        `output_dir/pretrained_backbone.pkl`.
-    load_pretrained(model, pkl_path, arch) -> None
-        Loads with detectron2's name matching, then raises if any ResNet key (stem, res2..res5) of the model
-        stayed uninitialised, any weight in the file was not used, or a shape differs. detectron2 itself only
-        logs these, which is how silent partial loads happen.
+"""Starting weights for a transfer stage: what the user gave, resolved to a detectron2 `.pkl`, and loaded into
+the model strictly. detectron2 itself only logs keys it could not match, which is how silent partial loads
+happen; `load_pretrained` refuses them.
 """
 
 from __future__ import annotations
@@ -17,6 +9,8 @@ import logging
 import os
 import re
 from pathlib import Path
+
+from detectron2.checkpoint import DetectionCheckpointer
 
 from densecl.transfer.convert import convert_to_detectron2, read_converted
 
@@ -30,6 +24,9 @@ _HEAD_ONLY = re.compile(r"(^|\.)res5\.norm\.")
 
 
 def prepare_weights(weights: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
+    """None (random init) stays None; a `.pkl` is used as it is; anything densecl.export.load_backbone_weights
+    accepts (exported backbone, densecl checkpoint, torchvision ImageNet checkpoint) is converted into
+    `output_dir/pretrained_backbone.pkl`."""
     if weights is None or str(weights) == "":
         return None
     path = Path(weights)
@@ -42,9 +39,8 @@ def prepare_weights(weights: str | os.PathLike | None, output_dir: str | os.Path
 
 
 def load_pretrained(model, pkl_path: str | os.PathLike, arch: str | None = None) -> None:
-    """Load a converted backbone into `model`, refusing any partial load (see module docstring)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    """Load a converted backbone into `model` with detectron2's name matching; raise if any ResNet key (stem,
+    res2..res5) of the model stayed uninitialised, a weight in the file was not used, or a shape differs."""
     data = read_converted(pkl_path)
     recorded = data.get("arch")
     if arch is not None and recorded is not None and recorded != arch:

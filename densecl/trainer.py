@@ -1,0 +1,223 @@
+"""The pre-training loop: one SGD step, and hooks that act after it (log, evaluate, checkpoint, stop for
+preemption, show progress), after detectron2's TrainerBase and its hooks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from densecl.checkpoint import rng_state, save_checkpoint, set_rng_state
+from densecl.config import Amp, PretrainConfig
+from densecl.correspondence_eval import ViewPairs, evaluate_correspondence
+from densecl.distributed import DistEnv
+from densecl.optim import lambda_at
+
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on any device, fp16 on CUDA only (CPU has no fast fp16 kernels and needs no grad scaler)."""
+    if cfg.pretrain.amp == Amp.bf16:
+        return torch.bfloat16
+    if cfg.pretrain.amp == Amp.fp16 and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def uses_channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.pretrain.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) == torch.bfloat16)
+
+
+class Hook:
+    """What runs around the loop: before the first step, after each step, after the last (also on error)."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
+        pass
+
+
+class Trainer:
+    """Steps DenseCL over a loader from `step` to `total_steps`; the hooks see it after every step."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, cfg: PretrainConfig, device: torch.device,
+                 env: DistEnv, total_steps: int, checkpoint_path: Path):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.cfg, self.device, self.env = cfg, device, env
+        self.total_steps = total_steps
+        self.checkpoint_path = checkpoint_path
+        self.step = 0  # iterations done
+        self.metrics: dict[str, float] = {}  # the last logged ones: checkpoints carry them
+        self.outputs: dict[str, torch.Tensor] = {}  # the last step's losses and statistics
+        self.loss_lambda = cfg.model.loss_lambda  # the last step's λ
+        self.batch_images = 0  # images in the last step, over all processes
+        self.stopped = False  # set by a hook: the loop ends after this step
+        self.hooks: list[Hook] = []
+
+    def train(self, loader: Iterable, hooks: Sequence[Hook] = ()) -> bool:
+        """Run to the end of the loader or until a hook stops it; True when it ran to the end."""
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.before_train(self)
+        try:
+            for views, boxes, flips in loader:
+                self.run_step(views, boxes, flips)
+                for hook in self.hooks:
+                    hook.after_step(self)
+                if self.stopped:
+                    break
+        finally:
+            for hook in self.hooks:
+                hook.after_train(self)
+        return not self.stopped
+
+    def run_step(self, views: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> None:
+        """One SGD step on a batch of two-view pairs. Raises NonFiniteLossError before touching the weights."""
+        device, lam = self.device, lambda_at(self.cfg, self.step)
+        im_q, im_k = views.to(device, non_blocking=True).unbind(1)
+        if uses_channels_last(self.cfg, device):
+            im_q = im_q.contiguous(memory_format=torch.channels_last)
+            im_k = im_k.contiguous(memory_format=torch.channels_last)
+        dtype = autocast_dtype(self.cfg, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = self.model(im_q, im_k, boxes.to(device), flips.to(device), loss_lambda=lam)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(f"non-finite loss {loss.item()} at iteration {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.outputs = {k: v.detach() for k, v in out.items()}
+        self.loss_lambda = lam
+        self.batch_images = views.shape[0] * self.env.world_size
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "metrics": self.metrics,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where a checkpoint left off; each rank takes its own RNG stream back."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rank = self.env.rank
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        self.step, self.metrics = state["step"], dict(state.get("metrics", {}))
+
+    def save_checkpoint(self) -> None:
+        """On rank 0, with every rank's RNG state, so that each resumes its own stream."""
+        states = [rng_state()]
+        if self.env.world_size > 1:
+            states = [None] * self.env.world_size
+            dist.all_gather_object(states, rng_state())
+        if self.env.rank == 0:
+            save_checkpoint(self.checkpoint_path, {**self.state_dict(), "rng": states})
+        if self.env.world_size > 1:
+            dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+# averaged over the log window rather than taken at its last step: per-batch values are noisy fractions
+WINDOW_MEAN_METRICS = ("corr_acc", "corr_acc_chance")
+
+
+class LogMetrics(Hook):
+    """Every `log_every` iterations and at the last: the step's losses, window means of the noisy per-batch
+    fractions, lr, λ, throughput and, every `eval_every`, correspondence accuracy on fixed view pairs (also
+    before the first step). Kept as `trainer.metrics`; handed to `on_step` on the main process."""
+
+    def __init__(self, log_every: int, on_step: OnStep | None, eval_pairs: ViewPairs | None = None,
+                 eval_every: int = 0):
+        self.log_every, self.on_step = log_every, on_step
+        self.eval_pairs, self.eval_every = eval_pairs, eval_every
+
+    def before_train(self, trainer: Trainer) -> None:
+        if self.eval_pairs is not None and trainer.step == 0 and self.on_step is not None:
+            self.on_step(0, evaluate_correspondence(trainer.model, self.eval_pairs, trainer.device))
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+        self.window: dict[str, list[float]] = {key: [] for key in WINDOW_MEAN_METRICS}
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.images += trainer.batch_images
+        for key, values in self.window.items():
+            if key in trainer.outputs and not torch.isnan(trainer.outputs[key]):
+                values.append(float(trainer.outputs[key]))
+        step = trainer.step
+        if step % self.log_every != 0 and step != trainer.total_steps:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        metrics = {k: float(v) for k, v in trainer.outputs.items() if k not in self.window}
+        metrics.update({k: float(np.mean(v)) for k, v in self.window.items() if v})
+        metrics.update(lr=trainer.optimizer.param_groups[0]["lr"], images_per_sec=self.images / elapsed,
+                       **{"lambda": trainer.loss_lambda})
+        if self.eval_pairs is not None and (step % self.eval_every == 0 or step == trainer.total_steps):
+            metrics.update(evaluate_correspondence(trainer.model, self.eval_pairs, trainer.device))
+        trainer.metrics = metrics
+        if self.on_step is not None and trainer.env.is_main:
+            self.on_step(step, dict(metrics))
+        self._new_window()
+
+
+class PeriodicCheckpoint(Hook):
+    def __init__(self, every: int):
+        self.every = every
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
+            trainer.save_checkpoint()
+
+
+class StopWhenAsked(Hook):
+    """Polls `should_stop` (preemption) after each step, on every rank: when it answers True, checkpoint and
+    stop, so that the requeued run resumes there."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step < trainer.total_steps and self.should_stop():
+            trainer.save_checkpoint()
+            trainer.stopped = True
+
+
+class ProgressBar(Hook):
+    def before_train(self, trainer: Trainer) -> None:
+        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="pretrain", dynamic_ncols=True)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(trainer.outputs['loss']):.3f}", refresh=False)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.bar.close()

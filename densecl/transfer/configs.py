@@ -1,0 +1,427 @@
+"""Every setting of a transfer stage, as flat dataclasses whose defaults are the paper's protocols, plus the
+presets and schedule rescaling the pipeline composes them with. No torch and no detectron2: the pipeline
+builds and checks these in the launching process, before any job starts. Each class checks its own fields in
+`validate`, next to them; every list of choices is defined here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from densecl.config import ARCHS, ConfigValueError, check, check_positive
+from densecl.synthetic import FORMAT_VERSION
+from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset
+
+DEVICES = ("auto", "cuda", "cpu")
+AMP_MODES = ("none", "bf16")  # bf16 autocast around the training forward (GPU, or CPU with AVX512-BF16)
+MASK_FORMATS = ("auto", "polygon", "bitmask")  # auto: bitmask for the synthetic set's RLE masks, else polygon
+TEST_MODES = ("whole", "slide")
+VOC_MIN_SIZES = tuple(range(480, 801, 32))
+COCO_MIN_SIZES = tuple(range(640, 801, 32))
+SEGMENTATION_DATASETS = {  # SegmentationConfig.dataset -> (train set, test set)
+    "voc": ("voc_2012_sem_seg_train_aug", "voc_2012_sem_seg_val"),
+    "cityscapes": ("cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val"),
+    "synthetic": ("synthetic_seg_train", "synthetic_seg_val"),
+}
+
+
+@dataclass
+class SyntheticSet:
+    """The synthetic detection/segmentation set the `synthetic` presets train and evaluate on, written once
+    into the cache and shared by every job that asks for the same one."""
+
+    num_train: int = 64
+    num_val: int = 16
+    image_size: int = 160
+    seed: int = 0  # fixed across training seeds, so that those measure training noise alone
+
+    def root(self, cache_dir: str | Path) -> str:
+        """Its folder in `cache_dir`; the generator's format version is in the name, so a newer generator
+        never meets an older set's folder."""
+        name = f"synthetic-v{FORMAT_VERSION}-{self.num_train}x{self.num_val}-{self.image_size}px-seed{self.seed}"
+        return str((Path(cache_dir) / name).absolute())
+
+    def validate(self) -> None:
+        check_positive(self, "num_train", "num_val", "image_size")
+
+
+@dataclass
+class StageConfig:
+    """The fields every transfer stage has."""
+
+    arch: str = "resnet50"
+    data_root: str = ""  # real data sets; "" = $DETECTRON2_DATASETS or ./datasets
+    # The synthetic set: written at synthetic_root with the four values below when the folder holds none yet
+    # (an existing set there is used as it is).
+    synthetic_root: str = ""
+    synthetic_num_train: int = 64
+    synthetic_num_val: int = 16
+    synthetic_image_size: int = 160
+    synthetic_seed: int = 0  # the scenes' seed, not the training seed
+    max_iter: int = 1000
+    ims_per_batch: int = 16  # total over the GPUs
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    steps: tuple[int, ...] = ()  # iterations where the lr is multiplied by 0.1
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    num_gpus: int = 1  # > 1: SyncBN, and detectron2's launch starts one process per GPU
+    device: str = "auto"  # auto: CUDA when available
+    seed: int = 0
+    eval_period: int = 0  # evaluate every N iterations too; 0 = only at the end
+    checkpoint_period: int = 5000
+    log_period: int = 20
+    num_workers: int = 4
+    precise_bn: bool = True
+    precise_bn_iters: int = 200
+    amp: str = "none"  # one of AMP_MODES
+
+    PRESETS: ClassVar[tuple[str, ...]] = ()  # the classmethods `from_section` may call by name
+
+    def scaled(self, ims_per_batch: int):
+        """Same schedule at another batch size (the linear scaling rule): lr x k, every iteration count / k,
+        for k = new batch / old batch."""
+        k = ims_per_batch / self.ims_per_batch
+        iters = lambda n: max(1, round(n / k)) if n > 0 else n  # noqa: E731
+        return dataclasses.replace(
+            self,
+            ims_per_batch=ims_per_batch,
+            base_lr=self.base_lr * k,
+            max_iter=iters(self.max_iter),
+            steps=tuple(iters(s) for s in self.steps),
+            warmup_iters=iters(self.warmup_iters),
+            eval_period=iters(self.eval_period),
+            checkpoint_period=iters(self.checkpoint_period),
+        )
+
+    def shortened(self, max_iter: int):
+        """The same schedule shape in max_iter iterations (steps and periods scaled by max_iter / old)."""
+        f = max_iter / self.max_iter
+        iters = lambda n: max(1, round(n * f)) if n > 0 else n  # noqa: E731
+        steps = sorted({iters(s) for s in self.steps if iters(s) < max_iter})
+        return dataclasses.replace(
+            self,
+            max_iter=max_iter,
+            steps=tuple(steps),
+            warmup_iters=min(iters(self.warmup_iters), max_iter),
+            eval_period=iters(self.eval_period),
+            checkpoint_period=iters(self.checkpoint_period),
+        )
+
+    def validate(self) -> None:
+        """Raise ConfigValueError naming the first bad field."""
+        check(self.arch in ARCHS, "arch", self.arch, f"allowed: {', '.join(ARCHS)}")
+        check(self.device in DEVICES, "device", self.device, f"allowed: {', '.join(DEVICES)}")
+        check_positive(self, "max_iter", "ims_per_batch", "num_gpus")
+        check(self.device != "cpu" or self.num_gpus == 1, "num_gpus", self.num_gpus,
+              "several GPUs need CUDA: device=cuda or auto")
+        check(self.amp in AMP_MODES, "amp", self.amp, f"allowed: {', '.join(AMP_MODES)}")
+        check(self.ims_per_batch % self.num_gpus == 0, "ims_per_batch", self.ims_per_batch,
+              f"must be divisible by num_gpus={self.num_gpus}")
+        check(list(self.steps) == sorted(self.steps) and all(0 < s < self.max_iter for s in self.steps), "steps",
+              self.steps, f"must be increasing and inside (0, max_iter={self.max_iter})")
+        check_positive(self, "synthetic_num_train", "synthetic_num_val", "synthetic_image_size")
+
+    def norm(self) -> str:
+        """SyncBN across several GPUs (the protocol), plain BN in one process (what SyncBN reduces to)."""
+        return "SyncBN" if self.num_gpus > 1 else "BN"
+
+    def dataset_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def check_data(self) -> None:
+        """Every real data set the stage reads is in place (the synthetic set is written when the stage runs);
+        else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
+        for name in self.dataset_names():
+            if name.startswith("synthetic_"):
+                continue
+            try:
+                check_dataset(name, self.data_root or None, self.synthetic_root or None)
+            except FileNotFoundError as err:
+                raise ConfigValueError("data_root", self.data_root, f"data set {name}: {err}") from None
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], *, arch: str, device: str, seed: int,
+                     synthetic: SyntheticSet | Mapping | None = None, cache_dir: str | None = None) -> StageConfig:
+        """The stage config a pipeline section describes, validated; errors' keys are relative to the section.
+
+        `preset` names a classmethod of `PRESETS` (absent or None: the paper's protocol, the class defaults);
+        `ims_per_batch` rescales the preset's schedule (`scaled`), `max_iter` squeezes it (`shortened`); every
+        other key replaces the field as given (lists become tuples). arch, device and seed are the pipeline's
+        unless the section sets them. The synthetic preset reads (and the stage writes, once) the set that
+        `synthetic` describes, under `cache_dir`."""
+        values = dict(section)
+        preset = values.pop("preset", None)
+        if synthetic is not None and not isinstance(synthetic, SyntheticSet):
+            synthetic = SyntheticSet(**synthetic)  # e.g. the section as a plain mapping
+        fields = sorted(f.name for f in dataclasses.fields(cls))
+        for key in sorted(values):
+            check(key in fields, key, values[key], f"allowed keys: preset, {', '.join(fields)}")
+        presets = sorted(cls.PRESETS)
+        check(preset is None or preset in presets, "preset", preset,
+              f"allowed: null (the paper's protocol), {', '.join(presets)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            check(_fits(value, hints[key]), key, value, f"allowed: {_describe(hints[key])}")
+        values = {k: tuple(v) if _is_list(v) else v for k, v in values.items()}
+        base_args = {"arch": values.pop("arch", arch), "device": values.pop("device", device),
+                     "seed": values.pop("seed", seed)}
+        batch, iters = values.pop("ims_per_batch", None), values.pop("max_iter", None)
+        check(batch is None or batch >= 1, "ims_per_batch", batch, "allowed: an integer >= 1")
+        check(iters is None or iters >= 1, "max_iter", iters, "allowed: an integer >= 1")
+        if preset == "synthetic":
+            check(synthetic is not None, "preset", preset, "needs downstream.synthetic (the data set to write)")
+            if cache_dir is None:
+                raise TypeError("from_section: the synthetic preset needs cache_dir (where the set is written)")
+            base = cls.synthetic(
+                synthetic.root(cache_dir), **base_args, synthetic_num_train=synthetic.num_train,
+                synthetic_num_val=synthetic.num_val, synthetic_image_size=synthetic.image_size,
+                synthetic_seed=synthetic.seed,
+            )  # fmt: skip
+        elif preset is not None:
+            base = getattr(cls, preset)(**base_args)
+        else:
+            base = cls(**base_args)
+        if batch is not None:
+            base = base.scaled(batch)
+        if iters is not None:
+            base = base.shortened(iters)
+        stage_cfg = dataclasses.replace(base, **values)
+        stage_cfg.validate()
+        return stage_cfg
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain value (what YAML and the command line give) fits a field's type; ints fit floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not _is_list(value):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each item {_describe(args[0])}"
+        return f"a list of {len(args)} items, each {_describe(args[0])}"
+    return names.get(hint, str(hint))
+
+
+# ------------------------------------------------------------------------------------------- detection
+@dataclass
+class DetectionConfig(StageConfig):
+    train_datasets: tuple[str, ...] = ()  # names in densecl.transfer.layouts.KNOWN_DATASETS
+    test_dataset: str = ""
+    min_size_train: tuple[int, ...] = (800,)  # short side, one drawn per image
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    rpn_pre_nms_topk_train: int = 12000
+    rpn_post_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 6000
+    rpn_post_nms_topk_test: int = 1000
+    roi_batch_size_per_image: int = 512
+    detections_per_image: int = 100
+
+    def dataset_names(self) -> list[str]:
+        return [*self.train_datasets, self.test_dataset]
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.train_datasets) and all(n in KNOWN_DATASETS for n in self.train_datasets), "train_datasets",
+              self.train_datasets, f"allowed: a list of {', '.join(KNOWN_DATASETS)}")
+        check(self.test_dataset in KNOWN_DATASETS, "test_dataset", self.test_dataset,
+              f"allowed: {', '.join(KNOWN_DATASETS)}")
+
+
+@dataclass
+class VOCDetectionConfig(DetectionConfig):
+    """Faster R-CNN R50-C4 with MoCo's extra BN after res5, FREEZE_AT 0, PreciseBN: VOC07+12 trainval ->
+    VOC07 test, short side 480-800 (test 800), 24k iterations at batch 16."""
+
+    train_datasets: tuple[str, ...] = ("voc_2007_trainval", "voc_2012_trainval")
+    test_dataset: str = "voc_2007_test"
+    min_size_train: tuple[int, ...] = VOC_MIN_SIZES
+    max_iter: int = 24000
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    steps: tuple[int, ...] = (18000, 22000)
+    warmup_iters: int = 100
+    extra_norm: bool = True  # a norm layer on the C4 box head's res5 output (MoCo's Res5ROIHeadsExtraNorm)
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("synthetic",)
+
+    @classmethod
+    def synthetic(cls, root: str, **overrides) -> VOCDetectionConfig:
+        """A CPU-sized run on the synthetic set: the protocol's shape at batch 8 and 160 px images."""
+        return _synthetic_preset(cls, root, "synthetic_voc", overrides)
+
+
+@dataclass
+class COCODetectionConfig(DetectionConfig):
+    """Mask R-CNN R50-FPN 1x with a 4conv1fc box head and norm in backbone, FPN, box and mask heads:
+    coco_2017_train -> coco_2017_val, short side 640-800, 90k iterations at batch 16."""
+
+    train_datasets: tuple[str, ...] = ("coco_2017_train",)
+    test_dataset: str = "coco_2017_val"
+    min_size_train: tuple[int, ...] = COCO_MIN_SIZES
+    rpn_pre_nms_topk_train: int = 2000  # per FPN level
+    rpn_post_nms_topk_train: int = 1000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    max_iter: int = 90000
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    steps: tuple[int, ...] = (60000, 80000)
+    warmup_iters: int = 1000
+    box_head_convs: int = 4
+    box_head_fcs: int = 1
+    mask_format: str = "auto"  # one of MASK_FORMATS
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("synthetic",)
+
+    @classmethod
+    def synthetic(cls, root: str, **overrides) -> COCODetectionConfig:
+        """A CPU-sized run on the synthetic set (ResNet-18, batch 8, 160 px)."""
+        return _synthetic_preset(cls, root, "synthetic_coco", overrides, rpn_pre_nms_topk_train=1000)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.mask_format in MASK_FORMATS, "mask_format", self.mask_format,
+              f"allowed: {', '.join(MASK_FORMATS)}")
+
+
+# The CPU-sized shape both synthetic detection presets share: ResNet-18 on 160 px scenes, fewer proposals and
+# sampled boxes, gradient clipping (random-init runs diverge without it), batch 8 and 2000 iterations.
+SYNTHETIC_PRESET = dict(
+    arch="resnet18",
+    min_size_train=(128, 160, 192),
+    max_size_train=320,
+    min_size_test=160,
+    max_size_test=320,
+    rpn_post_nms_topk_train=500,
+    rpn_post_nms_topk_test=300,
+    roi_batch_size_per_image=128,
+    precise_bn_iters=20,
+    num_workers=2,
+    clip_grad_norm=10.0,
+)
+
+
+def _synthetic_preset(cls, root: str, prefix: str, overrides: dict, **specific):
+    base = cls(
+        **SYNTHETIC_PRESET,
+        **specific,
+        synthetic_root=str(root),
+        train_datasets=(f"{prefix}_train",),
+        test_dataset=f"{prefix}_val",
+    )
+    return dataclasses.replace(base.scaled(8).shortened(2000), **overrides)
+
+
+# ----------------------------------------------------------------------------------------- segmentation
+@dataclass
+class SegmentationConfig(StageConfig):
+    """The DenseCL mmseg fork's FCN on a dilated ResNet (output stride 8). The defaults are the VOC protocol:
+    VOC12 train_aug -> val, 21 classes, crop 512, 20k iterations at batch 16, whole-image test, poly lr from
+    0.01 down to 1e-4, no warm-up."""
+
+    dataset: str = "voc"  # a key of SEGMENTATION_DATASETS: picks train_dataset / test_dataset when those are ""
+    train_dataset: str = ""
+    test_dataset: str = ""
+    crop_size: int = 512
+    img_scale: tuple[int, int] = (2048, 512)  # (long, short) side, times a ratio from ratio_range in training
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75  # random crops retry (up to 10 times) while one class covers more than this
+    photometric: bool = True  # mmseg's PhotoMetricDistortion
+    test_mode: str = "whole"  # one of TEST_MODES: the whole image, or crop_size windows every slide_stride px
+    slide_stride: int = 513
+    align_corners: bool = False
+    head_channels: int = 512  # decode head on C5
+    aux_channels: int = 256  # auxiliary head on C4 (training only)
+    dropout: float = 0.1
+    aux_weight: float = 0.4
+    poly_power: float = 0.9
+    min_lr: float = 1e-4
+    max_iter: int = 20000
+    ims_per_batch: int = 16
+    base_lr: float = 0.01
+    weight_decay: float = 5e-4
+    warmup_iters: int = 0
+    precise_bn: bool = False  # mmseg keeps the training statistics
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("cityscapes", "synthetic", "voc")
+
+    @classmethod
+    def voc(cls, **overrides) -> SegmentationConfig:
+        return cls(**overrides)
+
+    @classmethod
+    def cityscapes(cls, **overrides) -> SegmentationConfig:
+        """19 classes, crop 769, 40k iterations at batch 8, sliding-window test, align_corners."""
+        values = dict(
+            dataset="cityscapes", crop_size=769, img_scale=(2049, 1025), test_mode="slide", slide_stride=513,
+            align_corners=True, max_iter=40000, ims_per_batch=8,
+        )  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def synthetic(cls, root: str, **overrides) -> SegmentationConfig:
+        """A CPU-sized run on the synthetic set: ResNet-18, 160 px scenes, crop 128, batch 8."""
+        values = dict(
+            dataset="synthetic", synthetic_root=str(root), arch="resnet18", crop_size=128, img_scale=(640, 160),
+            max_iter=2000, ims_per_batch=8, num_workers=2, clip_grad_norm=10.0,
+        )  # fmt: skip
+        return cls(**{**values, **overrides})
+
+    def names(self) -> tuple[str, str]:
+        """(train set, test set)."""
+        check(self.dataset in SEGMENTATION_DATASETS, "dataset", self.dataset,
+              f"allowed: {', '.join(SEGMENTATION_DATASETS)}")
+        train, test = SEGMENTATION_DATASETS[self.dataset]
+        return self.train_dataset or train, self.test_dataset or test
+
+    def dataset_names(self) -> list[str]:
+        return list(self.names())
+
+    def validate(self) -> None:
+        super().validate()
+        self.names()
+        for key in ("train_dataset", "test_dataset"):
+            value = getattr(self, key)
+            check(value == "" or value in KNOWN_DATASETS, key, value,
+                  f"allowed: '' (the dataset's own) or one of {', '.join(KNOWN_DATASETS)}")
+        check(self.test_mode in TEST_MODES, "test_mode", self.test_mode, f"allowed: {', '.join(TEST_MODES)}")
+
+
+# The config class of each transfer stage the pipeline runs.
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "det_voc": VOCDetectionConfig,
+    "det_coco": COCODetectionConfig,
+    "seg_voc": SegmentationConfig,
+    "seg_cityscapes": SegmentationConfig,
+}

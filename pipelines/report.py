@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from densecl.files import write_atomic
 from pipelines import schema
 from pipelines.callbacks import OVERRIDE_TAG, PARENT_FILE, TAG_GROUP_DIR, TAG_SWEPT, TAG_SWEPT_VALUES
 from pipelines.tracking import Tracker, read_run_id
@@ -255,22 +256,20 @@ def safe_name(metric: str) -> str:
 def write_report(table: Table, out_dir: Path, curves: dict | None = None) -> list[Path]:
     """table.md, table.csv (means, stds and n), plots/<metric>.png and, for each metric in `curves`
     ({metric: (histories per row, reference histories per row)}), plots/curve_<metric>.png; returns the written
-    paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "table.md", out_dir / "table.csv"]
-    written[0].write_text(table.markdown())
-    table.summary.to_csv(written[1], index=False)
-    (out_dir / "plots").mkdir(exist_ok=True)
+    paths. Each file is written atomically (densecl.files): a failed rewrite keeps the previous report."""
+    text = table.markdown().encode()
+    written = [
+        write_atomic(out_dir / "table.md", lambda f: f.write(text)),
+        write_atomic(out_dir / "table.csv", lambda f: table.summary.to_csv(f, index=False)),
+    ]
     for metric in table.metrics:
         if table.summary[f"{metric} mean"].notna().any():
-            path = out_dir / "plots" / f"{safe_name(metric)}.png"
-            plot_metric(table, metric).savefig(path)
-            written.append(path)
+            figure = plot_metric(table, metric)
+            written.append(write_atomic(out_dir / "plots" / f"{safe_name(metric)}.png", figure.savefig))
     for metric, (histories, reference) in (curves or {}).items():
         if histories:
-            path = out_dir / "plots" / f"curve_{safe_name(metric)}.png"
-            plot_curves(histories, metric, reference).savefig(path)
-            written.append(path)
+            figure = plot_curves(histories, metric, reference)
+            written.append(write_atomic(out_dir / "plots" / f"curve_{safe_name(metric)}.png", figure.savefig))
     return written
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from densecl.checkpoint import load_trained_model
 from densecl.config import DataKind, ModelName
 from densecl.engine import pretrain
-from densecl.files import write_json
+from densecl.files import write_atomic, write_json
 from densecl.probe import run_linear_probe
 from densecl.resume import Reuse, is_result_neutral, reuse
 from densecl.transfer.convert import convert_to_detectron2, read_converted
@@ -231,7 +231,7 @@ def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, 
             seed=job.cfg.seed,
             title=f"{job.cfg.name}: {job.dir.name}",
         )
-        figure.savefig(path)
+        write_atomic(path, figure.savefig)
     except Exception as err:  # the figure is a by-product: never fail the trained stage for it
         log.warning("correspondence figure failed: %s", err, exc_info=True)
         return {}

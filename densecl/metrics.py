@@ -45,3 +45,13 @@ def segmentation_scores(conf: np.ndarray, class_names: list[str] | None = None) 
         if valid_iou[k]:
             scores[f"IoU-{name}"] = 100.0 * float(iou[k])
     return scores
+
+
+def trivial_miou(conf: np.ndarray) -> float:
+    """The mIoU of labelling every pixel with the most frequent true class (background on VOC-like sets): the
+    floor a segmentation model has to beat before it has learnt anything."""
+    conf = np.asarray(conf)
+    truth = conf.sum(axis=1)
+    trivial = np.zeros_like(conf)
+    trivial[:, truth.argmax()] = truth
+    return segmentation_scores(trivial)["mIoU"]

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
 
 from densecl.backbone import ResNetTrunk
 from densecl.config import ARCHS, check, check_positive, from_dict, plain
 from densecl.distributed import resolve_device
 from densecl.export import load_backbone_weights
 from densecl.files import write_json
-from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
 from densecl.resume import Reuse, reuse
 from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -47,6 +48,7 @@ class LinearProbeConfig:
     class_weighting: str = "none"  # none | balanced: median-frequency weights, so rare classes are not ignored
     seed: int = 0
     device: str = "auto"
+    progress: bool = True  # tqdm bars while features are extracted and the classifier is fitted
 
     def validate(self) -> None:
         check(self.arch in ARCHS, "arch", self.arch, f"allowed: {', '.join(ARCHS)}")
@@ -86,12 +88,12 @@ def scenes(cfg: LinearProbeConfig, split: str) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def extract(trunk: ResNetTrunk, images: torch.Tensor, layer: str, device: torch.device, batch: int = 32):
+def extract(trunk: ResNetTrunk, images: torch.Tensor, layer: str, device: torch.device, batch: int = 32,
+            progress: bool = False):
     index = {"c3": 1, "c4": 2, "c5": 3}[layer]
     trunk.to(device)
-    feats = [trunk.forward_features(images[i : i + batch].to(device))[index].float().cpu()
-             for i in range(0, len(images), batch)]
-    return torch.cat(feats)
+    starts = tqdm(range(0, len(images), batch), desc=f"probe: {layer} features", disable=not progress, leave=False)
+    return torch.cat([trunk.forward_features(images[i : i + batch].to(device))[index].float().cpu() for i in starts])
 
 
 def class_weights(labels: torch.Tensor, num_classes: int, kind: str) -> torch.Tensor | None:
@@ -119,7 +121,7 @@ def train_classifier(feats, labels, num_classes, cfg: LinearProbeConfig, device)
     steps = cfg.epochs * max(1, len(feats) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.epochs):
+    for _ in tqdm(range(cfg.epochs), desc="probe: classifier", disable=not cfg.progress, leave=False):
         order = torch.randperm(len(feats), generator=gen)
         for start in range(0, max(1, len(feats) - cfg.batch_size + 1), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
@@ -161,12 +163,14 @@ def feature_rank(feats: torch.Tensor, max_positions: int = 8192, seed: int = 0) 
 
 def fit_and_score(train_feats, train_labels, val_feats, val_labels, num_classes, cfg, device) -> dict[str, float]:
     """Standardise features per channel with the training statistics (a BN without affine, as linear probes
-    use), fit the 1x1 classifier, and score its upsampled predictions on the validation maps."""
+    use), fit the 1x1 classifier, and score its upsampled predictions on the validation maps (with the mIoU of
+    the most frequent class everywhere, the floor to beat)."""
     mean = train_feats.mean(dim=(0, 2, 3), keepdim=True)
     std = train_feats.std(dim=(0, 2, 3), keepdim=True) + 1e-6
     classifier = train_classifier((train_feats - mean) / std, train_labels, num_classes, cfg, device)
     preds = predict(classifier, (val_feats - mean) / std, val_labels.shape[-2:], device)
-    return segmentation_scores(confusion_matrix(preds.numpy(), val_labels.numpy(), num_classes))
+    confusion = confusion_matrix(preds.numpy(), val_labels.numpy(), num_classes)
+    return {**segmentation_scores(confusion), "mIoU_trivial": trivial_miou(confusion)}
 
 
 def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, output_dir) -> dict[str, float]:
@@ -192,9 +196,10 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     num_classes = len(CLASS_NAMES) + 1
     train_images, train_labels = scenes(cfg, "train")
     val_images, val_labels = scenes(cfg, "val")
-    train_feats = extract(trunk, train_images, cfg.layer, device)
+    train_feats = extract(trunk, train_images, cfg.layer, device, progress=cfg.progress)
     metrics = fit_and_score(
-        train_feats, train_labels, extract(trunk, val_images, cfg.layer, device), val_labels, num_classes, cfg,
+        train_feats, train_labels, extract(trunk, val_images, cfg.layer, device, progress=cfg.progress), val_labels,
+        num_classes, cfg,
         device,
     )
     metrics["feature_rank"] = feature_rank(train_feats, seed=cfg.seed)

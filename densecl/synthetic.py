@@ -152,6 +152,13 @@ CLASS_TEXTURES: dict[str, tuple[str, tuple[float, float]]] = {  # class -> (patt
     "crescent": ("crosshatch", (4.0, 7.0)),
 }
 assert tuple(CLASS_TEXTURES) == CLASS_NAMES
+# class_cue="colour": one fixed colour per class instead of its texture family, an easy set that a few hundred
+# CPU iterations of fine-tuning learn (the default run's downstream set); the pre-training scenes keep textures
+CLASS_COLOURS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                          (145, 30, 180), (70, 240, 240), (240, 50, 230)], dtype=np.float32)
+CLASS_CUES = ("texture", "colour")
+STYLE_DEFAULTS = {"class_cue": "texture", "object_size": list(OBJECT_DIAMETER_FRACTION)}
+STYLE_KEYS = tuple(STYLE_DEFAULTS)
 UNTEXTURED_FILLS = ("solid", "gradient")  # distractors
 
 
@@ -229,12 +236,23 @@ def _paste(canvas: np.ndarray, owner: np.ndarray, owner_id: int, mask: np.ndarra
 
 
 # -------------------------------------------------------------------------------------------- scenes
-def generate_scene(seed: int, index: int, image_size: int = 160) -> Scene:
-    """Scene number ``index`` of the set ``seed``: a pure function of (seed, index, image_size)."""
+def check_style(class_cue: str, object_size) -> None:
+    if class_cue not in CLASS_CUES:
+        raise ValueError(f"class_cue={class_cue!r}: expected one of {', '.join(CLASS_CUES)}")
+    if len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(f"object_size={tuple(object_size)}: expected (low, high) with 0 < low <= high <= 1")
+
+
+def generate_scene(seed: int, index: int, image_size: int = 160, class_cue: str = "texture",
+                   object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION) -> Scene:
+    """Scene number ``index`` of the set ``seed``: a pure function of its arguments. ``class_cue``: what tells
+    the classes apart besides the shape (their texture families, or a fixed colour each: an easier set);
+    ``object_size``: the range of object diameters as a fraction of the side."""
     if image_size < 32:
         raise ValueError(f"generate_scene: image_size must be at least 32 pixels, got {image_size}")
     if seed < 0 or index < 0:
         raise ValueError(f"generate_scene: seed and index must be non-negative, got seed={seed}, index={index}")
+    check_style(class_cue, object_size)
     rng = np.random.default_rng([seed, index])
     size = image_size
     canvas = _background(rng, size)
@@ -242,7 +260,7 @@ def generate_scene(seed: int, index: int, image_size: int = 160) -> Scene:
 
     num_objects = int(rng.integers(OBJECTS_PER_SCENE[0], OBJECTS_PER_SCENE[1] + 1))
     labels = rng.integers(len(CLASS_NAMES), size=num_objects)
-    radii = rng.uniform(*OBJECT_DIAMETER_FRACTION, size=num_objects) * size / 2
+    radii = rng.uniform(*object_size, size=num_objects) * size / 2
     centres = np.zeros((num_objects, 2))
     for i in range(num_objects):
         if i > 0 and rng.random() < NEAR_PREVIOUS_PROBABILITY:
@@ -268,12 +286,16 @@ def generate_scene(seed: int, index: int, image_size: int = 160) -> Scene:
         else:
             fill = (UNTEXTURED_FILLS[int(rng.integers(len(UNTEXTURED_FILLS)))],)
             operations = _distractor_operations(rng)
-            radius = rng.uniform(*OBJECT_DIAMETER_FRACTION) * size / 2 * rng.uniform(1.0, 1.6)
+            radius = rng.uniform(*object_size) * size / 2 * rng.uniform(1.0, 1.6)
             centre, owner_id = rng.uniform(0, size, 2), -1
         mask, x0, y0 = _render_mask(operations, centre, radius, angle)
         if kind == "object":
             full_area[i] = mask.sum()
-        _paste(canvas, owner, owner_id, mask, x0, y0, _texture(rng, *mask.shape, *fill))
+        if kind == "object" and class_cue == "colour":
+            fill_pixels = np.broadcast_to(CLASS_COLOURS[labels[i]], (*mask.shape, 3))
+        else:
+            fill_pixels = _texture(rng, *mask.shape, *fill)
+        _paste(canvas, owner, owner_id, mask, x0, y0, fill_pixels)
 
     canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * 3.0  # sensor noise
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
@@ -365,14 +387,14 @@ def _palette_png(indices: np.ndarray, palette: np.ndarray) -> Image.Image:
     return image
 
 
-def _write_split(voc_dir: Path, split: str, indices: list[int], image_size: int, seed: int,
+def _write_split(voc_dir: Path, split: str, indices: list[int], image_size: int, seed: int, style: dict,
                  coco: dict, palette: np.ndarray) -> list[str]:
     from pycocotools import mask as mask_utils
 
     names = []
     for j, index in enumerate(indices):
         name = f"{split}_{j:06d}"
-        scene = generate_scene(seed, index, image_size)
+        scene = generate_scene(seed, index, image_size, **style)
         scene.image.save(voc_dir / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY, subsampling=0)
         _voc_xml(name, scene).write(voc_dir / "Annotations" / f"{name}.xml", encoding="utf-8")
         _palette_png(scene.semantic, palette).save(voc_dir / "SegmentationClass" / f"{name}.png")
@@ -413,7 +435,8 @@ def _write_all(target: Path, params: dict) -> None:
     for split, indices in split_indices.items():
         coco = {"info": {"description": "DenseCL synthetic scenes", "version": FORMAT_VERSION},
                 "images": [], "annotations": [], "categories": categories}
-        names[split] = _write_split(voc_dir, split, indices, params["image_size"], params["seed"], coco, palette)
+        names[split] = _write_split(voc_dir, split, indices, params["image_size"], params["seed"],
+                                    {k: params[k] for k in STYLE_KEYS if k in params}, coco, palette)
         (target / "coco" / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     lists = {"train": names["train"], "val": names["val"], "trainval": names["train"] + names["val"]}
     for split, split_names in lists.items():
@@ -434,9 +457,11 @@ def _existing_params(root: Path) -> dict | None:
         raise ValueError(f"synthetic data set {root}: {meta} is not valid JSON ({error}); not touching it") from error
 
 
-def write_synthetic_dataset(root, num_train: int, num_val: int, image_size: int = 160,
-                            seed: int = 0) -> SyntheticDatasetPaths:
-    """Write (once) a synthetic detection/segmentation set in VOC and COCO layouts under ``root``.
+def write_synthetic_dataset(root, num_train: int, num_val: int, image_size: int = 160, seed: int = 0,
+                            class_cue: str = "texture",
+                            object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION) -> SyntheticDatasetPaths:
+    """Write (once) a synthetic detection/segmentation set in VOC and COCO layouts under ``root``; the scenes
+    as ``generate_scene`` makes them with ``class_cue`` and ``object_size``.
 
     Idempotent: a complete set with the same parameters is reused as is; a set with other parameters is an
     error (data is never overwritten). The set is built in a temporary sibling folder and renamed into place,
@@ -447,6 +472,10 @@ def write_synthetic_dataset(root, num_train: int, num_val: int, image_size: int 
         raise ValueError(f"write_synthetic_dataset: num_train and num_val must be >= 1, got {num_train}, {num_val}")
     params = {"format_version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
               "image_size": int(image_size), "seed": int(seed), "class_names": list(CLASS_NAMES)}
+    # recorded only when not the default, so that sets written before these options existed still match
+    style = {"class_cue": class_cue, "object_size": [float(v) for v in object_size]}
+    params.update({k: v for k, v in style.items() if v != STYLE_DEFAULTS[k]})
+    check_style(class_cue, object_size)
 
     def reuse_or_refuse() -> SyntheticDatasetPaths | None:
         existing = _existing_params(root)

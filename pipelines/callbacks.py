@@ -27,20 +27,28 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import schema
+from pipelines.console import HEADLINES, summary_table
 from pipelines.launching import export_distributed_env, is_global_rank_zero
-from pipelines.tracking import Tracker, as_params, read_run_id
+from pipelines.report import report_sweep
+from pipelines.stages import DONE
+from pipelines.tracking import (
+    CHILD_FILE,
+    OVERRIDE_TAG,
+    PARENT_FILE,
+    TAG_EXPERIMENT,
+    TAG_GROUP,
+    TAG_GROUP_DIR,
+    TAG_JOB_DIR,
+    TAG_KIND,
+    TAG_SWEPT,
+    TAG_SWEPT_VALUES,
+    Tracker,
+    as_params,
+    read_run_id,
+)
 
 log = logging.getLogger(__name__)
 
-PARENT_FILE = "mlflow_parent.json"
-CHILD_FILE = "mlflow_run.json"
-TAG_KIND = "densecl.kind"
-TAG_SWEPT = "densecl.swept_keys"
-TAG_SWEPT_VALUES = "densecl.swept_values"
-TAG_GROUP_DIR = "densecl.group_dir"
-TAG_JOB_DIR = "densecl.job_dir"
-TAG_EXPERIMENT = "densecl.experiment"
-OVERRIDE_TAG = "override."
 
 _trackers: dict[str, Tracker] = {}  # per process, never pickled with the callback
 
@@ -70,6 +78,24 @@ def override_tags(overrides: list[str]) -> dict[str, str]:
     return {
         f"{OVERRIDE_TAG}{o.key_or_group}": o.get_value_element_as_str() for o in parse_overrides(overrides)
     }
+
+
+def swept_keys(tracker: Tracker, parent_id: str | None) -> list[str]:
+    """The keys the parent's sweep varies (recorded on it by the launching process); none for a single run."""
+    if not parent_id:
+        return []
+    return json.loads(tracker.call(tracker.client.get_run, parent_id).data.tags.get(TAG_SWEPT, "[]"))
+
+
+def swept_values(overrides: list[str], keys: list[str]) -> dict[str, str]:
+    """{key: value as written} of the job's overrides of the swept `keys`, sorted by key."""
+    given = {o.key_or_group: o.get_value_element_as_str() for o in parse_overrides(overrides)}
+    return {key: given[key] for key in sorted(keys) if key in given}
+
+
+def join_values(values: dict[str, str]) -> str:
+    """{"matching": "random", "seed": "1"} -> "matching=random,seed=1": a child run's name and group."""
+    return ",".join(f"{k}={v}" for k, v in values.items())
 
 
 def sweep_jobs(config: DictConfig) -> tuple[list[list[str]], dict[str, list[str]]]:
@@ -112,6 +138,26 @@ def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
         folders[folder] = list(overrides)
 
 
+def runs_view(config: DictConfig, swept: list[str]) -> tuple[list[str], str]:
+    """The runs table's columns for this run or sweep (the swept keys, the group, each planned stage's headline
+    figures) and its order (the first swept key, else the seed: every child has one, the parent not)."""
+    point = [key for key in swept if key not in config.report.seed_keys]
+    stages = [s for s in schema.STAGES if s in config.stages]
+    columns = [f"params.`{key}`" for key in swept] + ([f"tags.`{TAG_GROUP}`"] if point else [])
+    columns += [f"metrics.`{stage}/{name}`" for stage in stages if stage != "convert" for name in HEADLINES[stage]]
+    return columns, f"params.`{(swept or ['seed'])[0]}`"
+
+
+def print_summary(config: DictConfig, jobs: dict[str, Path]) -> None:
+    """Every job's stages with their headline figures, where they are, and how to see them in mlflow."""
+    lines = ["", summary_table(jobs, list(schema.STAGES), DONE), "", f"folders: {group_dir(config)}"]
+    if config.tracking.enabled:
+        tracker = tracker_for(config)
+        experiment_id = tracker.experiment_id(config.tracking.experiment_name, config.tracking.artifact_location)
+        lines.append(f"mlflow: experiment {config.tracking.experiment_name!r}: {tracker.ui_hint(experiment_id)}")
+    print("\n".join(lines), flush=True)
+
+
 class PipelineCallback(Callback):
     """Registered in conf/hydra/densecl.yaml (hydra.callbacks.densecl)."""
 
@@ -142,9 +188,29 @@ class PipelineCallback(Callback):
     def on_run_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
         ok = job_return is None or job_return.status == JobStatus.COMPLETED
         self._finish_parent(config, "FINISHED" if ok else "FAILED")
+        if is_global_rank_zero():
+            job = Path(config.hydra.run.dir).absolute()
+            print_summary(config, {job.name: job})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._finish_parent(config, "FINISHED")
+        """The sweep's report on its parent run (no second command), then the summary in the terminal."""
+        if not is_global_rank_zero():
+            return
+        sweep_dir = group_dir(config)
+        if str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            overrides, swept = sweep_jobs(config)
+            jobs = {join_values(swept_values(o, list(swept))) or "base": sweep_dir / schema.job_dirname(o)
+                    for o in overrides}
+        else:
+            jobs = {p.name: p for p in sorted(sweep_dir.iterdir()) if (p / ".hydra").is_dir()}
+        if config.tracking.enabled:
+            parent_id = read_run_id(sweep_dir / PARENT_FILE)
+            try:
+                report_sweep(config, tracker_for(config), parent_id)
+            except (Exception, SystemExit) as err:  # the jobs' results stand without it
+                log.warning("the sweep's report failed (make it again with python -m pipelines.report): %s", err)
+            self._finish_parent(config, "FINISHED")
+        print_summary(config, jobs)
 
     def _open_parent(self, config: DictConfig, kind: str, swept: dict[str, list[str]], num_jobs: int) -> None:
         if not config.tracking.enabled or not is_global_rank_zero():
@@ -178,6 +244,7 @@ class PipelineCallback(Callback):
         run_id, created = tracker.open_run(
             folder / PARENT_FILE, experiment_id, run_name=config.name, tags=tags
         )
+        tracker.set_runs_view(experiment_id, *runs_view(config, list(swept)))
         snapshot = folder / f"{kind}_config.yaml"
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         snapshot.write_text(OmegaConf.to_yaml(config))
@@ -211,13 +278,17 @@ class PipelineCallback(Callback):
         )
         job_dir = Path(config.hydra.runtime.output_dir)
         parent_id = read_run_id(group_dir(config) / PARENT_FILE)
-        tags = {TAG_JOB_DIR: str(job_dir), **override_tags(list(config.hydra.overrides.task))}
+        overrides = list(config.hydra.overrides.task)
+        swept = swept_values(overrides, swept_keys(tracker, parent_id))
+        point = {k: v for k, v in swept.items() if k not in config.report.seed_keys}
+        tags = {TAG_JOB_DIR: str(job_dir), TAG_GROUP: join_values(point) or "all", **override_tags(overrides)}
+        run_name = join_values(swept) or job_dir.name
         run_id, created = tracker.open_run(
-            job_dir / CHILD_FILE, experiment_id, run_name=job_dir.name, tags=tags, parent_run_id=parent_id
+            job_dir / CHILD_FILE, experiment_id, run_name=run_name, tags=tags, parent_run_id=parent_id
         )
         task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
         task_cfg.pop("hydra", None)
-        changed = tracker.log_params(run_id, as_params(task_cfg))
+        changed = tracker.log_params(run_id, {**as_params(task_cfg), **swept})
         if changed:  # only keys excluded from folder names can differ (e.g. stages): keep the first values
             log.warning(
                 "mlflow params keep their first values for %s (params are immutable)", ", ".join(changed)
@@ -225,7 +296,7 @@ class PipelineCallback(Callback):
         saved = job_dir / ".hydra" / "config.yaml"
         if saved.exists():
             tracker.log_artifact(run_id, saved, "config")
-        log.info("mlflow: %s run %s for job %s", "new" if created else "reusing", run_id, job_dir)
+        log.info("mlflow: %s run %s (%s)", "new" if created else "reusing", run_id, run_name)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not config.tracking.enabled or not is_global_rank_zero():

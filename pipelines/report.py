@@ -28,11 +28,21 @@ import pandas as pd
 
 from densecl.files import write_atomic
 from pipelines import schema
-from pipelines.callbacks import OVERRIDE_TAG, PARENT_FILE, TAG_GROUP_DIR, TAG_SWEPT, TAG_SWEPT_VALUES
-from pipelines.tracking import Tracker, read_run_id
+from pipelines.tracking import (
+    OVERRIDE_TAG,
+    PARENT_FILE,
+    PARENT_TAG,
+    TAG_GROUP_DIR,
+    TAG_SWEPT,
+    TAG_SWEPT_VALUES,
+    Tracker,
+    read_run_id,
+)
 
 log = logging.getLogger("pipelines.report")
 
+SKIPPED_SUFFIXES = ("/seconds", "_trivial")  # timings and the floors beside the headline figures
+TABLE_ARTIFACT = "report/table.json"  # the parent run's table, as mlflow's UI renders tables
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mAcc", "pAcc")
 PRETRAIN_METRICS = (
     "pretrain/loss",
@@ -53,13 +63,19 @@ class Table:
     runs: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
+    def display(self, digits: int = 2) -> pd.DataFrame:
+        """One row per group: the row keys, n, and each metric as 'mean ± std' text: the table as shown."""
+        frame = self.summary[self.row_keys].astype(str)
+        frame["n"] = self.summary["n"].astype(int).astype(str)
+        for m in self.metrics:
+            means, stds = self.summary[f"{m} mean"], self.summary[f"{m} std"]
+            frame[m] = [format_mean_std(mean, std, digits) for mean, std in zip(means, stds)]
+        return frame
+
     def markdown(self, digits: int = 2) -> str:
-        header = [*self.row_keys, "n", *self.metrics]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        for _, row in self.summary.iterrows():
-            cells = [str(row[k]) for k in self.row_keys] + [str(int(row["n"]))]
-            cells += [format_mean_std(row[f"{m} mean"], row[f"{m} std"], digits) for m in self.metrics]
-            lines.append("| " + " | ".join(cells) + " |")
+        frame = self.display(digits)
+        lines = ["| " + " | ".join(frame.columns) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in frame.itertuples(index=False)]
         text = "\n".join(lines) + "\n"
         if self.notes:
             text += "\n" + "\n".join(f"- {note}" for note in self.notes) + "\n"
@@ -80,7 +96,7 @@ def default_metrics(columns: list[str]) -> list[str]:
     chosen = []
     for stage in schema.DOWNSTREAM_STAGES:  # not the per-class values (AP-<class>, IoU-<class>) nor timings
         names = sorted(
-            (m for m in present if m.startswith(stage + "/") and "-" not in m and not m.endswith("/seconds")),
+            (m for m in present if m.startswith(f"{stage}/") and "-" not in m and not m.endswith(SKIPPED_SUFFIXES)),
             key=lambda m: _metric_rank(m.split("/")[-1]),
         )
         chosen += names
@@ -306,16 +322,26 @@ def find_parent(cfg, tracker: Tracker) -> str:
 
 
 def search_children(tracker: Tracker, parent_id: str) -> pd.DataFrame:
-    import mlflow
-
+    """The parent's child runs as mlflow.search_runs lays them out (run_id, status, metrics.*, params.*,
+    tags.*), read through this tracker's client: mlflow.search_runs would need the process-wide tracking URI,
+    which mlflow also exports to the environment of every process started afterwards."""
     parent = tracker.call(tracker.client.get_run, parent_id)
-    mlflow.set_tracking_uri(tracker.uri)
-    return tracker.call(
-        mlflow.search_runs,
-        experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-        output_format="pandas",
-    )
+    rows, token = [], None
+    while True:
+        page = tracker.call(
+            tracker.client.search_runs, [parent.info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=1000, page_token=token,
+        )  # fmt: skip
+        for run in page:
+            rows.append({
+                "run_id": run.info.run_id, "status": run.info.status,
+                **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
+                **{f"params.{k}": v for k, v in run.data.params.items()},
+                **{f"tags.{k}": v for k, v in run.data.tags.items()},
+            })  # fmt: skip
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def report(
@@ -325,12 +351,21 @@ def report(
     log_artifacts: bool = True,
     tracking_uri: str | None = None,
 ) -> tuple[Table, list[Path]]:
+    """The report of the sweep the overrides describe (or of `parent_id`), made again from its mlflow runs."""
     cfg = schema.compose(overrides)
     uri = tracking_uri or cfg.tracking.uri
     if not uri:
         raise SystemExit("no tracking URI: tracking is disabled in this config; pass --tracking-uri")
     tracker = Tracker(uri, retries=cfg.tracking.retries, retry_wait_s=cfg.tracking.retry_wait_s)
-    parent_id = parent_id or find_parent(cfg, tracker)
+    return report_sweep(cfg, tracker, parent_id or find_parent(cfg, tracker), out_dir, log_artifacts)
+
+
+def report_sweep(cfg, tracker: Tracker, parent_id: str, out_dir: Path | None = None,
+                 log_artifacts: bool = True) -> tuple[Table, list[Path]]:
+    """Build the table of `parent_id`'s child runs, write it with its plots into `out_dir` (default: the
+    sweep folder's report/) and log it all to the parent run: the table also as an mlflow table artifact
+    (`report/table.json`, rendered by the UI) and the plots as images. The sweep's end (pipelines.callbacks)
+    and `python -m pipelines.report` both call it."""
     parent = tracker.call(tracker.client.get_run, parent_id)
     runs = search_children(tracker, parent_id)
     if runs.empty:
@@ -366,6 +401,10 @@ def report(
     if log_artifacts:
         for path in written:
             tracker.log_artifact(parent_id, path, "report" if path.parent == out_dir else "report/plots")
+        tracker.call(tracker.client.log_table, parent_id, table.display(), TABLE_ARTIFACT)
+        for path in written:
+            if path.suffix == ".png":
+                tracker.log_image(parent_id, path, key=f"report/{path.stem}")
     return table, written
 
 

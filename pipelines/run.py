@@ -19,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipelines import schema
-from pipelines.callbacks import CHILD_FILE, tracker_for
+from pipelines.callbacks import tracker_for
 from pipelines.launching import apply_cpu_allocation, export_distributed_env, is_global_rank_zero
 from pipelines.stages import run_stages
-from pipelines.tracking import RunLogger, read_run_id
+from pipelines.tracking import CHILD_FILE, RunLogger, read_run_id
 
 log = logging.getLogger(__name__)
 

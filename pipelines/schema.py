@@ -38,8 +38,8 @@ STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscap
 DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
 # Keys that name where and how a job runs, not what it computes: left out of job folder names, as are the
 # keys that change no result (densecl.resume.RESULT_NEUTRAL).
-NOT_IN_FOLDER_NAMES = ("experiment", "name", "stages", "paths", "paths.*", "tracking", "tracking.*", "report",
-                       "report.*")
+NOT_IN_FOLDER_NAMES = ("experiment", "name", "stages", "verbose", "paths", "paths.*", "tracking", "tracking.*",
+                       "report", "report.*")
 
 
 @dataclass
@@ -96,6 +96,7 @@ class PipelineConfig(PretrainConfig):
 
     name: str = "default"  # output folders and the mlflow experiment
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    verbose: bool = False  # detectron2's detailed log in the terminal too (it always goes to each stage's log.txt)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

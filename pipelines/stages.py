@@ -36,6 +36,7 @@ from densecl.resume import Reuse, is_result_neutral, reuse
 from densecl.transfer.convert import convert_to_detectron2, read_converted
 from densecl.visualize import correspondence_figure
 from pipelines import schema
+from pipelines.console import detailed_logs_to_file_only, headline
 from pipelines.launching import is_global_rank_zero
 from pipelines.preemption import GracefulStop
 from pipelines.schema import PipelineConfig
@@ -111,11 +112,11 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
         done, settings = job.done(stage), stage_settings(cfg, stage)
         saved = None if done is None else done.get("settings")
         if reuse(job.stage_dir(stage), saved, settings, finished=done is not None) is Reuse.DONE:
-            log.info("stage %s: already done in %s, skipping", stage, job.stage_dir(stage))
+            log.info("stage %s: already done: %s", stage, headline(stage, done["metrics"]))
             tracking.final_metrics(stage, done["metrics"], only_missing=True)
             results[stage] = done["metrics"]
             continue
-        log.info("stage %s: running in %s", stage, job.stage_dir(stage))
+        log.info("stage %s: running", stage)
         job.stage_dir(stage).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         metrics = STAGE_FUNCTIONS[stage](job)
@@ -128,13 +129,9 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
                 job.stage_dir(stage) / DONE,
                 {"metrics": metrics, "seconds": seconds, "finished": time.time(), "settings": settings},
             )
-        log.info("stage %s: done in %.0f s: %s", stage, seconds, _fmt(metrics))
+        log.info("stage %s: done in %.0f s: %s", stage, seconds, headline(stage, metrics))
         results[stage] = metrics
     return results
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -186,6 +183,7 @@ def run_pretrain(job: Job) -> dict[str, float]:
         if job.cfg.pretrain.figure.enabled:
             metrics.update(_correspondence_figure(job, result.checkpoint_path, out / FIGURE))
             job.tracking.artifact(out / FIGURE, "pretrain")
+            job.tracking.image(out / FIGURE, "pretrain/correspondence")
         if job.cfg.tracking.log_backbone:
             job.tracking.artifact(result.backbone_path, "pretrain")
     return metrics
@@ -246,12 +244,13 @@ def run_convert(job: Job) -> dict[str, float]:
 def run_transfer(job: Job, stage: str) -> dict[str, float]:
     """A detectron2 stage. detectron2 is imported here, when a job first needs it: the pipeline's one lazy
     import, so that composing, checking and launching never load it."""
-    from densecl.transfer.detection import run_coco_detection, run_voc_detection
-    from densecl.transfer.segmentation import run_semantic_segmentation
+    weights = None if (path := transfer_weights(job)) is None else str(path)
+    with detailed_logs_to_file_only(not job.cfg.verbose):  # detectron2's import warns too
+        from densecl.transfer.detection import run_coco_detection, run_voc_detection
+        from densecl.transfer.segmentation import run_semantic_segmentation
 
-    runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
-    weights = transfer_weights(job)
-    metrics = runner(job.cfg.stage_config(stage), None if weights is None else str(weights), str(job.stage_dir(stage)))
+        runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
+        metrics = runner(job.cfg.stage_config(stage), weights, str(job.stage_dir(stage)))
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

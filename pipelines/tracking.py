@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from PIL import Image
+
 from densecl.config import flatten
 from densecl.files import write_json
 
@@ -30,6 +32,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
+PARENT_FILE = "mlflow_parent.json"  # in a sweep's (or a run group's) folder: its parent run
+CHILD_FILE = "mlflow_run.json"  # in a job's folder: its child run
+TAG_KIND = "densecl.kind"  # a parent's kind: sweep or run
+TAG_SWEPT = "densecl.swept_keys"
+TAG_SWEPT_VALUES = "densecl.swept_values"
+TAG_GROUP_DIR = "densecl.group_dir"
+TAG_JOB_DIR = "densecl.job_dir"
+TAG_EXPERIMENT = "densecl.experiment"
+TAG_GROUP = "group"  # a child's swept keys but the seeds: the UI's Group-by gives mean and spread over seeds
+OVERRIDE_TAG = "override."  # + key: a child's overrides as written
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"  # mlflow 3's UI: open on the runs table, not on traces
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a runs-table view the UI loads from ?viewStateShareKey=key
+RUNS_VIEW = "densecl"
 MAX_PARAM_VALUE = 6000  # mlflow's limit on a param value's length
 PARAMS_PER_BATCH = 100  # mlflow's limit per log_batch call
 METRICS_PER_BATCH = 1000
@@ -121,21 +137,26 @@ class Tracker:
     # ------------------------------------------------------------------------------------- experiments
 
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
-        """The experiment's id, created if needed (a concurrent creation is tolerated)."""
+        """The experiment's id, created if needed (a concurrent creation is tolerated), marked as model
+        development: mlflow 3's UI then opens it on its runs table, not on its GenAI overview."""
         from mlflow.exceptions import MlflowException
 
         experiment = self.call(self.client.get_experiment_by_name, name)
         if experiment is None:
             try:
-                return self.call(
-                    self.client.create_experiment, name, artifact_location=artifact_uri(artifact_location)
-                )
+                experiment_id = self.call(
+                    self.client.create_experiment, name, artifact_location=artifact_uri(artifact_location),
+                    tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
+                )  # fmt: skip
+                return experiment_id
             except MlflowException:
                 experiment = self.call(self.client.get_experiment_by_name, name)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             self.call(self.client.restore_experiment, experiment.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+            self.call(self.client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return experiment.experiment_id
 
     # -------------------------------------------------------------------------------------------- runs
@@ -215,6 +236,29 @@ class Tracker:
     def logged_metric_keys(self, run_id: str) -> set[str]:
         return set(self.call(self.client.get_run, run_id).data.metrics)
 
+    def set_runs_view(self, experiment_id: str, columns: list[str], order_by: str) -> None:
+        """The runs table the UI shows at `runs_url`: these columns (`params.`seed``, `metrics.`probe/mIoU``,
+        ...), ordered by `order_by`, which also lists child runs flat instead of folded under their parent.
+        Stored as an mlflow shared view (an experiment tag), so any browser opening the link gets it."""
+        state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": True}
+        self.call(self.client.set_experiment_tag, experiment_id, SHARED_VIEW_TAG + RUNS_VIEW, json.dumps(state))
+
+    def runs_url(self, experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+        """The experiment's runs table in the UI, with the view `set_runs_view` stored."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else host
+        return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+
+    def ui_hint(self, experiment_id: str) -> str:
+        """How to see an experiment's runs table: the command that serves a local store, and the link."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.runs_url(experiment_id)}"
+        return f"mlflow ui --backend-store-uri {self.uri}  then open {self.runs_url(experiment_id)}"
+
+    def log_image(self, run_id: str, path: str | os.PathLike, key: str) -> None:
+        """A PNG as an mlflow image under `key`: the UI shows it inline on the run's page and in its charts."""
+        with Image.open(path) as image:
+            self.call(self.client.log_image, run_id, image.convert("RGB"), key=key, step=0)
+
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -292,6 +336,14 @@ class RunLogger:
             named = {k: v for k, v in named.items() if k not in have}
         if named:
             self.tracker.log_metrics(self.run_id, named, step=step)
+
+    def image(self, path: str | os.PathLike, key: str) -> None:
+        if not self.active or not Path(path).is_file():
+            return
+        try:
+            self.tracker.log_image(self.run_id, path, key)
+        except Exception as err:  # a figure is a by-product: never fail a finished stage for it
+            log.warning("could not log image %s: %s", path, err)
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if not self.active:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from densecl.config import ConfigValueError
-from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
 from densecl.probe import LinearProbeConfig, feature_rank, run_linear_probe
 from densecl.resume import SettingsChangedError
 
@@ -52,6 +52,18 @@ def test_ground_truth_as_prediction_scores_100():
     assert scores == {"mIoU": 100.0, "fwIoU": 100.0, "mAcc": 100.0, "pAcc": 100.0}
 
 
+def test_trivial_miou_is_the_most_frequent_class_everywhere():
+    """Against the plain way: label every pixel with the most frequent true class and score that."""
+    rng = np.random.default_rng(0)
+    target = rng.choice(4, size=(3, 20, 20), p=[0.7, 0.1, 0.2, 0.0])
+    target[0, :2, :2] = 255  # ignored pixels count for nothing
+    pred = rng.integers(0, 4, size=target.shape)
+    everywhere = np.full(target.shape, np.bincount(target[target != 255].ravel()).argmax())
+    expected = segmentation_scores(confusion_matrix(everywhere, target, 4))["mIoU"]
+    assert trivial_miou(confusion_matrix(pred, target, 4)) == pytest.approx(expected)
+    assert expected == pytest.approx(100 * np.mean(target[target != 255] == 0) / 3)  # 3 classes present
+
+
 def test_out_of_range_labels_are_errors():
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\)"):
         confusion_matrix(np.zeros(4), np.array([0, 1, 7, 2]), 3)
@@ -62,7 +74,7 @@ def test_linear_probe_runs_and_caches(tmp_path):
     cfg = LinearProbeConfig(arch="resnet18", image_size=64, input_size=96, num_train=16, num_val=8, epochs=2,
                             batch_size=8, device="cpu")
     metrics = run_linear_probe(cfg, None, tmp_path)
-    assert set(metrics) == {"mIoU", "fwIoU", "mAcc", "pAcc", "feature_rank"}
+    assert set(metrics) == {"mIoU", "fwIoU", "mAcc", "pAcc", "mIoU_trivial", "feature_rank"}
     assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if k != "feature_rank")
     assert 1.0 <= metrics["feature_rank"] <= 16 * 3 * 3  # bounded by the positions: 16 images x C5's 3 x 3
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

@@ -84,7 +84,8 @@ def sweep(tmp_path_factory, request):
     """A two-job sweep, shared by this module's tests; its ~1 GB is removed after them unless one failed."""
     out = tmp_path_factory.mktemp("sweep")
     failed_before = request.session.testsfailed
-    run_cli(out, "-m", "seed=0,1", f"stages=[{','.join(STAGES)}]")
+    result = run_cli(out, "-m", "seed=0,1", f"stages=[{','.join(STAGES)}]")
+    (out / "console.txt").write_text(result.stdout + result.stderr)  # what the terminal showed
     yield out
     if request.session.testsfailed == failed_before:
         shutil.rmtree(out, ignore_errors=True)
@@ -106,6 +107,13 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
     ) == ["seed"]
     assert parent.info.status == "FINISHED"
     assert {c.data.params["seed"] for c in children} == {"0", "1"}
+    assert {c.info.run_name for c in children} == {"seed=0", "seed=1"}  # the swept keys only
+    assert {c.data.tags["group"] for c in children} == {"all"}  # nothing swept but the seed
+    experiment = tracker.client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the sweep's end made the report on the parent: the table mlflow renders, and the plots as images
+    parent_artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/table.json", "report/table.md", "report/table.csv"} <= parent_artifacts
     for child in children:
         assert child.data.tags[PARENT_TAG] == parent.info.run_id and child.info.status == "FINISHED"
         params, metrics = child.data.params, child.data.metrics
@@ -127,6 +135,18 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
         for stage in STAGES:
             done = json.loads((job / stage / DONE).read_text())
             assert done["metrics"] == json.loads((job / stage / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_headlines_and_a_summary_and_detectron2_details_go_to_the_stage_logs(sweep):
+    console = (sweep / "console.txt").read_text()
+    assert "stage pretrain: done in" in console and "| seed=0 | pretrain | loss " in console
+    assert "then open http://127.0.0.1:5000/#/experiments/" in console
+    if HAVE_DETECTRON2:
+        assert "(trivial: " in console  # segmentation's floor beside its mIoU
+        for detail in ("Starting training from iteration", "GeneralizedRCNN("):  # detectron2's own log: model dump
+            assert detail not in console, detail
+            assert all(detail in (job / "det_voc" / "log.txt").read_text() for job in job_dirs(sweep)), detail
 
 
 @pytest.mark.slow

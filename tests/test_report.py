@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from pipelines import report
-from pipelines.callbacks import PARENT_FILE, TAG_GROUP_DIR, TAG_KIND, TAG_SWEPT, TAG_SWEPT_VALUES
-from pipelines.tracking import Tracker
+from pipelines.tracking import PARENT_FILE, TAG_GROUP_DIR, TAG_KIND, TAG_SWEPT, TAG_SWEPT_VALUES, Tracker
 
 MATCHINGS = ["backbone", "projection", "random", "geometric"]
 SEEDS = [0, 1, 2]

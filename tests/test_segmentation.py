@@ -118,6 +118,16 @@ def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
     first = run_semantic_segmentation(cfg, str(weights), str(out))
     assert {"mIoU", "fwIoU", "mAcc", "pAcc"} <= set(first)
     assert all(0.0 <= v <= 100.0 for v in first.values())
+    # the floor beside it: the most frequent class of the val labels everywhere, counted from the files
+    from PIL import Image
+
+    voc = synthetic_root / "voc"
+    labels = np.concatenate([
+        np.asarray(Image.open(voc / "SegmentationClass" / f"{name}.png")).ravel()
+        for name in (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    ])  # fmt: skip
+    counts = np.bincount(labels[labels != 255])
+    assert first["mIoU_trivial"] == pytest.approx(100 * counts.max() / counts.sum() / np.count_nonzero(counts))
     log = [json.loads(line) for line in (out / "train_log.json").read_text().splitlines()]
     assert any("eval/mIoU" in line for line in log)  # eval_period=2: evaluated during training too
 

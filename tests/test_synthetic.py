@@ -228,3 +228,42 @@ def test_non_empty_folder_without_meta_is_refused_and_failed_writes_leave_nothin
     with pytest.raises(RuntimeError, match="disk full"):
         write_synthetic_dataset(tmp_path / "fresh", num_train=1, num_val=1, image_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
+
+
+def test_the_colour_cue_paints_each_class_its_own_colour_on_larger_objects():
+    """The default run's easier downstream set: one fixed colour per class (plus the sensor noise), objects of
+    the diameters asked for; the default style is untouched by the options."""
+    from densecl.synthetic import CLASS_COLOURS
+
+    scenes = [generate_scene(0, i, 160, "colour", (0.2, 0.45)) for i in range(20)]
+    pixels = {c: [] for c in range(len(CLASS_NAMES))}
+    for scene in scenes:
+        image = np.asarray(scene.image, dtype=np.float64)
+        for c in range(len(CLASS_NAMES)):
+            pixels[c].append(image[scene.semantic == c + 1])
+    for c, found in pixels.items():
+        found = np.concatenate(found)
+        error = np.abs(found.mean(0) - CLASS_COLOURS[c]).max()  # the sensor noise, clipped at 255
+        assert len(found) > 100 and error < 2.0, CLASS_NAMES[c]
+    textured = [generate_scene(0, i, 160) for i in range(20)]
+    mean_area = lambda ss: np.mean([m.sum() for s in ss for m in s.masks])  # noqa: E731
+    assert mean_area(scenes) > 2 * mean_area(textured)
+    with pytest.raises(ValueError, match="class_cue='smell'"):
+        generate_scene(0, 0, 160, "smell")
+
+
+def test_a_set_records_only_the_options_that_are_not_the_defaults(tmp_path):
+    """So that sets written before the options existed are reused as they are, and each style has its own
+    folder in the cache."""
+    from densecl.transfer.configs import SyntheticSet
+
+    write_synthetic_dataset(tmp_path / "plain", num_train=1, num_val=1, image_size=64)
+    write_synthetic_dataset(tmp_path / "easy", num_train=1, num_val=1, image_size=64, class_cue="colour",
+                            object_size=(0.2, 0.45))
+    assert not {"class_cue", "object_size"} & set(json.loads((tmp_path / "plain" / "meta.json").read_text()))
+    easy = json.loads((tmp_path / "easy" / "meta.json").read_text())
+    assert (easy["class_cue"], easy["object_size"]) == ("colour", [0.2, 0.45])
+    assert SyntheticSet(96, 32).root("/c") == "/c/synthetic-v2-96x32-160px-seed0"
+    assert SyntheticSet(96, 32, class_cue="colour", object_size=(0.2, 0.45)).root("/c") == (
+        "/c/synthetic-v2-96x32-160px-seed0-colour-objects0.2-0.45"
+    )

@@ -19,6 +19,8 @@ from densecl.transfer.configs import STAGE_CONFIGS, SegmentationConfig, Syntheti
 # describe the set, and are checked separately.
 SYNTHETIC = SyntheticSet(num_train=96, num_val=32, image_size=160, seed=0)  # conf/downstream/synthetic.yaml
 SET_FIELDS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed")
+# fields added after the restructuring, at their defaults
+ADDED_SINCE = {"progress": True, "synthetic_class_cue": "texture", "synthetic_object_size": (0.1, 0.25)}
 BASE_DEFAULTS = {
     "VOCDetectionConfig": {
         "arch": "resnet50", "data_root": "", "synthetic_root": "", "synthetic_num_train": 64, "synthetic_num_val": 16,
@@ -148,7 +150,7 @@ def _fields(cfg) -> dict:
 
 def test_class_defaults_are_those_before_the_restructuring():
     for cls in {*STAGE_CONFIGS.values()}:
-        assert _fields(cls()) == {**BASE_DEFAULTS[cls.__name__], "synthetic_seed": 0}, cls.__name__
+        assert _fields(cls()) == {**BASE_DEFAULTS[cls.__name__], "synthetic_seed": 0, **ADDED_SINCE}, cls.__name__
 
 
 @pytest.mark.parametrize(("stage", "section", "pipeline", "cls_name", "changed"), CASES)
@@ -159,7 +161,7 @@ def test_from_section_gives_the_values_of_before(stage, section, pipeline, cls_n
     assert section == given  # the section itself is left as it was
     assert type(cfg).__name__ == cls_name
     got = _fields(cfg)
-    expected = {**BASE_DEFAULTS[cls_name], **changed}
+    expected = {**BASE_DEFAULTS[cls_name], **ADDED_SINCE, **changed}
     assert {k: v for k, v in got.items() if k not in SET_FIELDS} == {
         k: v for k, v in expected.items() if k not in SET_FIELDS
     }

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from densecl.config import ARCHS, ConfigValueError, check, check_positive
-from densecl.synthetic import FORMAT_VERSION
+from densecl.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
 from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -40,15 +40,24 @@ class SyntheticSet:
     num_val: int = 16
     image_size: int = 160
     seed: int = 0  # fixed across training seeds, so that those measure training noise alone
+    class_cue: str = "texture"  # what tells classes apart besides shape: texture (as pre-training's), or colour
+    object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION  # object diameters, fractions of the side
 
     def root(self, cache_dir: str | Path) -> str:
         """Its folder in `cache_dir`; the generator's format version is in the name, so a newer generator
-        never meets an older set's folder."""
+        never meets an older set's folder, and so is every option that is not its default."""
         name = f"synthetic-v{FORMAT_VERSION}-{self.num_train}x{self.num_val}-{self.image_size}px-seed{self.seed}"
+        if self.class_cue != "texture":
+            name += f"-{self.class_cue}"
+        if tuple(self.object_size) != OBJECT_DIAMETER_FRACTION:
+            name += "-objects{:g}-{:g}".format(*self.object_size)
         return str((Path(cache_dir) / name).absolute())
 
     def validate(self) -> None:
         check_positive(self, "num_train", "num_val", "image_size")
+        check(self.class_cue in CLASS_CUES, "class_cue", self.class_cue, f"allowed: {', '.join(CLASS_CUES)}")
+        low, high = self.object_size
+        check(0 < low <= high <= 1, "object_size", list(self.object_size), "allowed: [low, high], 0 < low <= high <= 1")
 
 
 @dataclass
@@ -64,6 +73,8 @@ class StageConfig:
     synthetic_num_val: int = 16
     synthetic_image_size: int = 160
     synthetic_seed: int = 0  # the scenes' seed, not the training seed
+    synthetic_class_cue: str = "texture"  # densecl.synthetic.generate_scene's class_cue and object_size
+    synthetic_object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION
     max_iter: int = 1000
     ims_per_batch: int = 16  # total over the GPUs
     base_lr: float = 0.02
@@ -79,6 +90,7 @@ class StageConfig:
     eval_period: int = 0  # evaluate every N iterations too; 0 = only at the end
     checkpoint_period: int = 5000
     log_period: int = 20
+    progress: bool = True  # a tqdm bar of the iterations
     num_workers: int = 4
     precise_bn: bool = True
     precise_bn_iters: int = 200
@@ -184,7 +196,8 @@ class StageConfig:
             base = cls.synthetic(
                 synthetic.root(cache_dir), **base_args, synthetic_num_train=synthetic.num_train,
                 synthetic_num_val=synthetic.num_val, synthetic_image_size=synthetic.image_size,
-                synthetic_seed=synthetic.seed,
+                synthetic_seed=synthetic.seed, synthetic_class_cue=synthetic.class_cue,
+                synthetic_object_size=tuple(synthetic.object_size),
             )  # fmt: skip
         elif preset is not None:
             base = getattr(cls, preset)(**base_args)

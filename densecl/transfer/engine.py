@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from densecl.config import ARCHS, ConfigValueError, flatten, from_dict, plain
 from densecl.distributed import resolve_device
@@ -90,7 +91,7 @@ def base_d2_config(cfg: StageConfig, output_dir: str, zoo_config: str | None = N
     c.TEST.PRECISE_BN.ENABLED = cfg.precise_bn
     c.TEST.PRECISE_BN.NUM_ITER = cfg.precise_bn_iters
     c.DATALOADER.NUM_WORKERS = cfg.num_workers
-    c.DENSECL = CfgNode({"LOG_PERIOD": cfg.log_period, "AMP": cfg.amp})
+    c.DENSECL = CfgNode({"LOG_PERIOD": cfg.log_period, "AMP": cfg.amp, "PROGRESS": cfg.progress})
     return c
 
 
@@ -114,6 +115,21 @@ class PeriodicEval(HookBase):
                 finite = {f"eval/{k}": v for k, v in metrics.items() if math.isfinite(v)}
                 self.trainer.storage.put_scalars(**finite, smoothing_hint=False)
             comm.synchronize()
+
+
+class ProgressBar(HookBase):
+    """Iterations and time left in the terminal (tqdm), on the main process."""
+
+    def before_train(self):
+        name = Path(self.trainer.cfg.OUTPUT_DIR).name
+        self.bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=name, leave=False,
+                        dynamic_ncols=True)
+
+    def after_step(self):
+        self.bar.update(1)
+
+    def after_train(self):
+        self.bar.close()
 
 
 class TransferTrainer(DefaultTrainer):
@@ -147,6 +163,8 @@ class TransferTrainer(DefaultTrainer):
             kept.append(PeriodicEval(self.cfg.TEST.EVAL_PERIOD))
         if comm.is_main_process():
             kept.append(hooks.PeriodicWriter(self.build_writers(), period=self.cfg.DENSECL.LOG_PERIOD))
+            if self.cfg.DENSECL.PROGRESS:
+                kept.append(ProgressBar())
         return kept
 
     def evaluate(self) -> dict[str, float]:
@@ -213,7 +231,8 @@ def _ensure_synthetic(cfg: StageConfig, names: list[str]) -> None:
             return
         write_synthetic_dataset(
             cfg.synthetic_root, cfg.synthetic_num_train, cfg.synthetic_num_val,
-            image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed,
+            image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed, class_cue=cfg.synthetic_class_cue,
+            object_size=cfg.synthetic_object_size,
         )  # fmt: skip
 
 

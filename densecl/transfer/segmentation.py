@@ -36,7 +36,7 @@ from fvcore.common.param_scheduler import ParamScheduler
 from PIL import Image
 from torch import nn
 
-from densecl.metrics import confusion_matrix, segmentation_scores
+from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
 from densecl.transfer.configs import SegmentationConfig
 from densecl.transfer.data import class_names
 from densecl.transfer.engine import TransferTrainer, base_d2_config, run_stage
@@ -85,7 +85,8 @@ class SemSegMetrics(DatasetEvaluator):
             if not comm.is_main_process():
                 return {}
             confusion = np.sum(gathered, axis=0)
-        return {"sem_seg": segmentation_scores(confusion, self.class_names)}
+        scores = segmentation_scores(confusion, self.class_names)
+        return {"sem_seg": {**scores, "mIoU_trivial": trivial_miou(confusion)}}
 
 
 # ------------------------------------------------------------------------------------------- model

@@ -1,0 +1,134 @@
+"""The results where users read them: mlflow's UI on the store a tiny sweep leaves, driven in a real browser
+(Debian's Chromium through Playwright). The link the sweep prints must open the runs table with the child
+runs, a swept param and a stage metric as columns; the parent's report table must render with the sweep's
+numbers. Skipped without Chromium, except under CI=true (.ci/run installs it), where it must run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines.tracking import PARENT_TAG, Tracker
+from tests.test_pipeline import ROOT, TINY
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")]
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MATCHINGS = ("backbone", "random")
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but Chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """matching x seed, pre-training and probe only (no detectron2: quick); returns (folder, printed output)."""
+    chromium()
+    out = tmp_path_factory.mktemp("ui_sweep")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", "-m", f"matching={','.join(MATCHINGS)}", "seed=0,1",
+         "stages=[pretrain,probe]", *TINY, f"paths.output_dir={out}"],
+        cwd=out, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def ui(sweep):
+    """`mlflow ui` on the sweep's store, on a free port; its base URL."""
+    out, _ = sweep
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{out}/mlflow.db",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(base, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"mlflow ui did not answer on {base}")
+            time.sleep(1)
+    yield base
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        yield browser.new_page(viewport={"width": 1800, "height": 1000})
+        browser.close()
+
+
+def printed_link(stdout: str, base: str) -> str:
+    """The runs-table link the sweep printed at its end, served by `base` instead of the default port."""
+    match = re.search(r"then open (http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?viewStateShareKey=\S+))", stdout)
+    assert match, f"the sweep printed no link to its runs table:\n{stdout[-2000:]}"
+    return base + match.group(2)
+
+
+def child_runs(out: Path) -> list:
+    tracker = Tracker(f"sqlite:///{out}/mlflow.db")
+    runs = tracker.client.search_runs([tracker.experiment_id("default")])
+    return [r for r in runs if PARENT_TAG in r.data.tags]
+
+
+def test_the_printed_link_opens_the_runs_table_with_the_children_a_swept_param_and_a_metric(sweep, ui, page,
+                                                                                            tmp_path):
+    out, stdout = sweep
+    page.goto(printed_link(stdout, ui))
+    names = [f"matching={m},seed={s}" for m in MATCHINGS for s in (0, 1)]
+    page.get_by_text(names[0], exact=True).wait_for(timeout=60_000)
+    page.screenshot(path=tmp_path / "runs_table.png", full_page=True)
+    for name in names:  # every child is a row of its own, not folded under the parent
+        assert page.get_by_text(name, exact=True).is_visible(), name
+    headers = {h.strip() for h in page.locator('[role="columnheader"]').all_inner_texts()}
+    assert {"matching", "seed", "group", "probe/mIoU", "pretrain/loss"} <= headers, headers
+    assert {r.info.run_name for r in child_runs(out)} == set(names)
+
+
+def test_the_parents_report_table_renders_with_the_sweeps_numbers(sweep, ui, page, tmp_path):
+    out, _ = sweep
+    children = child_runs(out)
+    parent = children[0].data.tags[PARENT_TAG]
+    page.goto(f"{ui}/#/experiments/{children[0].info.experiment_id}/runs/{parent}/artifacts/report/table.json")
+    page.locator('[role="row"]', has_text="backbone").first.wait_for(timeout=60_000)
+    page.screenshot(path=tmp_path / "report_table.png", full_page=True)
+    rows = [row.split("\n") for row in page.locator('[role="row"]').all_inner_texts()]
+    header, body = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert header[:2] == ["matching", "n"] and set(body) == set(MATCHINGS)
+    for matching in MATCHINGS:  # mean ± sample std over the seeds, from the child runs themselves
+        values = [r.data.metrics["probe/mIoU"] for r in children if r.data.params["matching"] == matching]
+        expected = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        assert body[matching]["n"] == "2" and body[matching]["probe/mIoU"] == expected, body[matching]

@@ -4,13 +4,17 @@
   the run or sweep (a bad value fails here, before any job is launched), check that the jobs' folders are
   distinct, create the mlflow experiment once (before concurrent jobs could race to create it) and open
   the parent run. Its id is kept in `<group folder>/mlflow_parent.json` (the sweep folder, or
-  `runs/<name>/` for single runs), so rerunning the same sweep reuses it.
+  `runs/<name>/` for single runs), so rerunning the same sweep reuses it. The experiment's runs table is
+  stored as an mlflow shared view (`runs_view`), so the printed link opens it with the right columns.
 - `on_job_start` (in the job's own process, on every SLURM task): export the distributed environment;
   on global rank 0 open the child run, whose id is kept in `<job folder>/mlflow_run.json` (a resubmitted
-  or rerun job reuses it), tag it with the job's overrides and log the resolved config as params (once:
-  mlflow params are immutable) and as an artifact.
-- `on_job_end` / `on_run_end` / `on_multirun_end`: mark the runs FINISHED or FAILED. A job killed by
-  preemption never gets here: its run stays RUNNING until the requeued job finishes it.
+  or rerun job reuses it), named after its swept keys and tagged with its `group` (the swept keys but the
+  seeds) and its overrides; log the resolved config and the swept keys as params (once: mlflow params are
+  immutable) and the config as an artifact.
+- `on_job_end` / `on_run_end` / `on_multirun_end`: mark the runs FINISHED or FAILED (a job killed by
+  preemption never gets here: its run stays RUNNING until the requeued job finishes it); at the end of a
+  sweep, make its report on the parent run (pipelines.report); then print the summary of every job's stages
+  with the mlflow command and link.
 """
 
 from __future__ import annotations

@@ -244,9 +244,11 @@ class Tracker:
         self.call(self.client.set_experiment_tag, experiment_id, SHARED_VIEW_TAG + RUNS_VIEW, json.dumps(state))
 
     def runs_url(self, experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-        """The experiment's runs table in the UI, with the view `set_runs_view` stored."""
+        """The experiment's runs table in the UI, with the view `set_runs_view` stored, in the UI's model
+        training mode (mlflow 3 opens an experiment on its GenAI overview otherwise)."""
         base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else host
-        return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+        query = f"workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
+        return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
     def ui_hint(self, experiment_id: str) -> str:
         """How to see an experiment's runs table: the command that serves a local store, and the link."""

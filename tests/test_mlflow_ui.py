@@ -93,9 +93,10 @@ def page():
 
 def printed_link(stdout: str, base: str) -> str:
     """The runs-table link the sweep printed at its end, served by `base` instead of the default port."""
-    match = re.search(r"then open (http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?viewStateShareKey=\S+))", stdout)
+    link = r"then open http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?\S*viewStateShareKey=\S+)"
+    match = re.search(link, stdout)
     assert match, f"the sweep printed no link to its runs table:\n{stdout[-2000:]}"
-    return base + match.group(2)
+    return base + match.group(1)
 
 
 def child_runs(out: Path) -> list:

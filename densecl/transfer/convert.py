@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision import models
 
-from densecl.export import load_backbone_weights
+from densecl.export import detectron2_name, load_backbone_weights
 from densecl.files import write_atomic
 
 AUTHOR = "densecl"
@@ -64,15 +64,6 @@ def reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _rename(key: str) -> str:
-    if not key.startswith("layer"):
-        key = "stem." + key
-    key = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", key)
-    key = re.sub(r"bn(\d)", r"conv\1.norm", key)
-    key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-    return key
-
-
 def to_detectron2_keys(
     state_dict: dict[str, torch.Tensor], arch: str | None = None
 ) -> tuple[dict[str, np.ndarray], str]:
@@ -99,7 +90,7 @@ def to_detectron2_keys(
         problems.append(f"wrong shapes {wrong[:10]}")
     if problems:
         raise ValueError(f"not a complete torchvision {arch} backbone: " + "; ".join(problems))
-    converted = {_rename(k): v.detach().cpu().float().numpy() for k, v in weights.items()}
+    converted = {detectron2_name(k): v.detach().cpu().float().numpy() for k, v in weights.items()}
     return converted, arch
 
 

@@ -328,7 +328,8 @@ class PolyLR(ParamScheduler):
 def poly_lr_scheduler(cfg, optimizer) -> LRMultiplier:
     """PolyLR every iteration, after detectron2's warm-up when SOLVER.WARMUP_ITERS > 0."""
     f = cfg.MODEL.FCN
-    schedule = PolyLR(f.MIN_LR / cfg.SOLVER.BASE_LR, f.POLY_POWER)
+    base = cfg.SOLVER.BASE_LR
+    schedule = PolyLR(f.MIN_LR / base if base > 0 else 0.0, f.POLY_POWER)  # a zero base lr stays zero
     if cfg.SOLVER.WARMUP_ITERS > 0:
         length = min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0)
         schedule = WarmupParamScheduler(schedule, cfg.SOLVER.WARMUP_FACTOR, length, cfg.SOLVER.WARMUP_METHOD)

@@ -68,7 +68,6 @@ def test_missing_key_and_wrong_shape_are_errors(tmp_path):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.detectron2
 def test_round_trip_matches_torchvision(tmp_path, arch):
-    pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
@@ -105,7 +104,6 @@ def test_round_trip_matches_torchvision(tmp_path, arch):
 
 @pytest.mark.detectron2
 def test_partial_load_is_an_error(tmp_path):
-    pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone

@@ -71,7 +71,6 @@ def test_configs_default_to_the_protocol_and_scale():
 
 @pytest.mark.detectron2
 def test_evaluators_give_100_for_ground_truth(synthetic_root, tmp_path):
-    pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog
     from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
     from pycocotools import mask as mask_utils
@@ -111,7 +110,6 @@ def test_evaluators_give_100_for_ground_truth(synthetic_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.detectron2
 def test_tiny_voc_run_from_exported_weights_and_rerun(synthetic_root, tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.transfer.detection import run_voc_detection
 
     weights = _export_random_backbone(tmp_path / "backbone.pth")
@@ -131,7 +129,6 @@ def test_tiny_voc_run_from_exported_weights_and_rerun(synthetic_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.detectron2
 def test_tiny_coco_run_from_densecl_checkpoint(synthetic_root, tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.transfer.detection import run_coco_detection
 
     weights = _export_random_backbone(tmp_path / "checkpoint.pth", densecl_checkpoint=True)

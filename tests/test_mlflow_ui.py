@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.tracking import PARENT_TAG, Tracker
+from tests.conftest import skip_or_fail_in_ci
 from tests.test_pipeline import ROOT, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")]
@@ -31,9 +32,7 @@ MATCHINGS = ("backbone", "random")
 def chromium() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but Chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+        skip_or_fail_in_ci("Chromium is missing (Debian: apt-get install chromium; .ci/run installs it)")
     return path
 
 

@@ -60,7 +60,6 @@ def test_presets_follow_the_protocol():
 @pytest.mark.parametrize("depth", [18, 50])
 @pytest.mark.detectron2
 def test_dilated_backbone_has_output_stride_8(depth):
-    pytest.importorskip("detectron2")
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
@@ -85,7 +84,6 @@ def test_dilated_backbone_has_output_stride_8(depth):
 
 @pytest.mark.detectron2
 def test_evaluator_gives_100_for_ground_truth(synthetic_root):
-    pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog
 
     from densecl.transfer.data import register_datasets
@@ -105,7 +103,6 @@ def test_evaluator_gives_100_for_ground_truth(synthetic_root):
 @pytest.mark.slow
 @pytest.mark.detectron2
 def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
-    pytest.importorskip("detectron2")
     from torchvision import models
 
     from densecl.export import save_backbone
@@ -147,7 +144,6 @@ def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
 
 @pytest.mark.detectron2
 def test_bf16_autocasts_the_training_forward_only():
-    pytest.importorskip("detectron2")
     from densecl.transfer.engine import autocast_training_forward
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
@@ -161,7 +157,6 @@ def test_bf16_autocasts_the_training_forward_only():
 
 @pytest.mark.detectron2
 def test_tiny_bf16_run_trains_and_evaluates(synthetic_root, tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.transfer.segmentation import run_semantic_segmentation
 
     cfg = SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "eval_period": 0, "amp": "bf16"})

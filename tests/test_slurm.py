@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import skip_or_fail_in_ci
+
 RUN_TIMEOUT_S = 300  # one pipeline invocation (submission + jobs + requeue); normally 30-90 s
 SLURM_TOOLS = ("sinfo", "scontrol", "sbatch", "squeue", "scancel")
 USABLE_NODE_STATES = ("idle", "mix", "alloc", "comp")
@@ -76,11 +78,8 @@ def slurm_unavailable_reason() -> str | None:
 @pytest.fixture(scope="module")
 def slurm() -> None:
     reason = slurm_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but the SLURM tests cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    if reason is not None:
+        skip_or_fail_in_ci(f"the SLURM tests cannot run: {reason}")
 
 
 @pytest.fixture

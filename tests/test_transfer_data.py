@@ -57,7 +57,6 @@ def test_synthetic_sets_check_and_kinds(synthetic_root, tmp_path):
 
 @pytest.mark.detectron2
 def test_stage_fails_on_missing_data_before_training(tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.transfer.detection import run_voc_detection
 
     cfg = VOCDetectionConfig(data_root=str(tmp_path / "datasets"), device="cpu")
@@ -68,7 +67,6 @@ def test_stage_fails_on_missing_data_before_training(tmp_path):
 
 @pytest.mark.detectron2
 def test_register_synthetic_sets(synthetic_root):
-    pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog
 
     from densecl.synthetic import CLASS_NAMES

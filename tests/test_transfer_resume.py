@@ -213,7 +213,6 @@ def test_the_synthetic_preset_needs_the_set():
 # ------------------------------------------------------------------------------------------- synthetic set
 @pytest.mark.detectron2
 def test_the_synthetic_set_is_written_once_with_its_own_seed(tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.transfer import engine
 
     scenes = SyntheticSet(num_train=2, num_val=1, image_size=64, seed=3)
@@ -240,7 +239,6 @@ def _write_folder(folder, config: dict, weights=None, finished=False, metrics=No
 
 @pytest.mark.detectron2
 def test_transfer_folder_without_a_later_field_resumes_and_a_changed_amp_is_refused(tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.resume import Reuse, SettingsChangedError
     from densecl.transfer.engine import stage_reuse
 
@@ -257,7 +255,6 @@ def test_transfer_folder_without_a_later_field_resumes_and_a_changed_amp_is_refu
 
 @pytest.mark.detectron2
 def test_a_finished_folder_returns_its_metrics_and_refuses_other_settings(tmp_path):
-    pytest.importorskip("detectron2")
     from densecl.resume import SettingsChangedError
     from densecl.transfer.segmentation import run_semantic_segmentation
 
@@ -294,7 +291,6 @@ def test_validate_names_the_field():
 @pytest.mark.detectron2
 def test_trainer_classes_travel_to_detectron2_launch_by_reference():
     """detectron2's launch pickles its arguments into spawned processes: module-level classes, by name."""
-    pytest.importorskip("detectron2")
     import pickle
 
     from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY

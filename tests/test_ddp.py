@@ -83,3 +83,31 @@ def test_sync_bn_on_cpu_is_a_clear_error():
     assert prepare_device(cfg, DistEnv(0, 1, 0), cpu) == cpu  # one process: plain BN, nothing to synchronise
     with pytest.raises(ValueError, match="pretrain.sync_bn=true needs CUDA"):
         prepare_device(cfg, DistEnv(0, 2, 0), cpu)
+
+
+def shuffle_round_trip(rank: int, world: int, port: int, report_dir: str) -> None:
+    import torch.distributed as dist
+
+    from densecl.distributed import shuffle_batch, unshuffle_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # the ranks draw different permutations: rank 0's is the one broadcast
+    images = (torch.arange(8) + 8 * rank).float().view(8, 1)  # each image carries its global id
+    shuffled, unshuffle = shuffle_batch(images)
+    keys = unshuffle_batch(shuffled * 1.0, unshuffle)  # an "encoder" that keeps each input's id
+    torch.save({"shuffled": shuffled, "keys": keys}, os.path.join(report_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_keys_come_back_to_their_own_rank_and_row_across_two_processes(tmp_path):
+    """Shuffle-BN across ranks sends images to other ranks' key encoders; unshuffled, every key must be back on
+    the rank and in the row of its query (a wrong unshuffle still trains, silently, on mismatched pairs)."""
+    mp.spawn(shuffle_round_trip, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank, report in enumerate(reports):
+        assert report["keys"].flatten().tolist() == [float(i + 8 * rank) for i in range(8)]
+    shuffled = torch.cat([r["shuffled"] for r in reports]).flatten()
+    assert sorted(shuffled.tolist()) == [float(i) for i in range(16)]  # every image went somewhere, once
+    assert not torch.equal(shuffled, torch.arange(16.0))  # and the batch really was redistributed

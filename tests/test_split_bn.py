@@ -137,6 +137,33 @@ def test_key_encoder_sees_the_batch_shuffled_across_groups():
     assert sorted(order) == list(range(8)) and order != list(range(8))
 
 
+class WhoAmI(nn.Module):
+    """Stands in for the key encoder: each output row is a one-hot of the id written into its input image, so
+    the rows show which image they came from, whatever BN statistics the real encoder would use."""
+
+    def forward(self, images):  # (global embedding 128, backbone grid 512 x 2 x 2, dense grid 128 x 2 x 2)
+        ids = images[:, 0, 0, 0].long()
+        one_hot = lambda width: torch.nn.functional.one_hot(ids, width).float()  # noqa: E731
+        as_grid = lambda x: x[:, :, None, None].expand(-1, -1, 2, 2)  # noqa: E731
+        return one_hot(128), as_grid(one_hot(512)), as_grid(one_hot(128))
+
+
+def test_each_key_stays_aligned_with_its_query_through_the_shuffle(monkeypatch):
+    """Shuffle-BN permutes the key batch before the key encoder: unshuffled, key i must come from image i again
+    (a wrong unshuffle would pair queries with other images' keys and still train, silently)."""
+    import densecl.model as model_module
+
+    model = DenseCL.from_config(split_config(bn_splits=4))
+    model.encoder_k = WhoAmI()
+    seen = []
+    info_nce = model_module.info_nce
+    monkeypatch.setattr(model_module, "info_nce", lambda q, k, *a: seen.append(k) or info_nce(q, k, *a))
+    monkeypatch.setattr(model, "momentum_update", lambda: None)  # the stand-in has no weights to move
+    im_k = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 64, 64).contiguous()
+    model(torch.randn(8, 3, 64, 64), im_k)
+    assert seen[0].argmax(dim=1).tolist() == list(range(8))
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -116,7 +116,8 @@ def test_tiny_voc_run_from_exported_weights_and_rerun(synthetic_root, tmp_path):
     cfg = VOCDetectionConfig.synthetic(str(synthetic_root), **TINY)
     out = tmp_path / "voc"
     metrics = run_voc_detection(cfg, str(weights), str(out))
-    assert set(metrics) == {"AP", "AP50", "AP75"} and all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert set(metrics) == {"AP", "AP50", "AP75"}
+    assert metrics["AP50"] >= metrics["AP"]  # AP averages IoU thresholds 0.5-0.95; 0.5 is the loosest
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert _losses_finite(out)[-1]["iteration"] == cfg.max_iter - 1
     model = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
@@ -135,8 +136,9 @@ def test_tiny_coco_run_from_densecl_checkpoint(synthetic_root, tmp_path):
     cfg = COCODetectionConfig.synthetic(str(synthetic_root), **TINY)
     out = tmp_path / "coco"
     metrics = run_coco_detection(cfg, str(weights), str(out))
-    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50"):
-        assert 0.0 <= metrics[key] <= 100.0
+    for task in ("bbox", "segm"):  # boxes and masks both evaluated; AP averages IoU 0.5-0.95, AP50 the loosest
+        assert {f"{task}/AP", f"{task}/AP50", f"{task}/AP75"} <= set(metrics)
+        assert metrics[f"{task}/AP50"] >= metrics[f"{task}/AP"]
     assert all(math.isfinite(v) for v in metrics.values())
     _losses_finite(out)
     assert (out / "model_final.pth").is_file() and (out / "pretrained_backbone.pkl").is_file()

@@ -29,6 +29,7 @@ import pandas as pd
 from densecl.files import write_atomic
 from pipelines import schema
 from pipelines.tracking import (
+    DATASET_TAG,
     OVERRIDE_TAG,
     PARENT_FILE,
     PARENT_TAG,
@@ -157,6 +158,10 @@ def build_table(
         else:
             runs[key] = runs[column].fillna("<default>").astype(str)
         group_columns.append(key)
+
+    for column in sorted(c for c in runs.columns if c.startswith(f"tags.{DATASET_TAG}")):
+        for title in runs[column].dropna().unique():
+            notes.append(f"{column[len(f'tags.{DATASET_TAG}'):]} ran on {title}")
 
     metrics = metrics or default_metrics(list(runs.columns))
     metric_columns = []

@@ -40,7 +40,7 @@ from pipelines.console import detailed_logs_to_file_only, headline
 from pipelines.launching import is_global_rank_zero
 from pipelines.preemption import GracefulStop
 from pipelines.schema import PipelineConfig
-from pipelines.tracking import RunLogger, as_params
+from pipelines.tracking import DATASET_TAG, RunLogger, as_params
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,29 @@ def run_transfer(job: Job, stage: str) -> dict[str, float]:
 
         runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
         metrics = runner(job.cfg.stage_config(stage), weights, str(job.stage_dir(stage)))
+    _track_custom_dataset(job, stage)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _track_custom_dataset(job: Job, stage: str) -> None:
+    """A stage on the user's own set names it and its classes in mlflow (a tag the report shows) and keeps
+    its dataset.json (classes, image and object counts) as an artifact."""
+    from densecl.transfer.custom import DATASET_FILE
+    from densecl.transfer.engine import CUSTOM_DATA
+
+    path = job.stage_dir(stage) / CUSTOM_DATA / DATASET_FILE
+    if job.cfg.stage_config(stage).custom is None or not path.is_file():
+        return
+    info = json.loads(path.read_text())
+    job.tracking.tags({f"{DATASET_TAG}{stage}": dataset_title(info)})
+    job.tracking.artifact(path, stage)
+
+
+def dataset_title(info: dict) -> str:
+    """'shelves: 24 train / 8 val images, 2 classes (gadget, widget)'."""
+    classes = info["classes"]
+    return (f"{info['name']}: {info['num_train']} train / {info['num_val']} val images, {len(classes)} classes "
+            f"({', '.join(classes)})")
 
 
 def run_probe(job: Job) -> dict[str, float]:

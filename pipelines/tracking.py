@@ -36,6 +36,7 @@ PARENT_FILE = "mlflow_parent.json"  # in a sweep's (or a run group's) folder: it
 CHILD_FILE = "mlflow_run.json"  # in a job's folder: its child run
 TAG_KIND = "densecl.kind"  # a parent's kind: sweep or run
 TAG_SWEPT = "densecl.swept_keys"
+DATASET_TAG = "densecl.dataset."  # + stage: the user's own labelled set the stage ran on, and its classes
 TAG_SWEPT_VALUES = "densecl.swept_values"
 TAG_GROUP_DIR = "densecl.group_dir"
 TAG_JOB_DIR = "densecl.job_dir"
@@ -338,6 +339,10 @@ class RunLogger:
             named = {k: v for k, v in named.items() if k not in have}
         if named:
             self.tracker.log_metrics(self.run_id, named, step=step)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            self.tracker.set_tags(self.run_id, tags)
 
     def image(self, path: str | os.PathLike, key: str) -> None:
         if not self.active or not Path(path).is_file():

@@ -142,3 +142,16 @@ def test_tiny_coco_run_from_densecl_checkpoint(synthetic_root, tmp_path):
     assert all(math.isfinite(v) for v in metrics.values())
     _losses_finite(out)
     assert (out / "model_final.pth").is_file() and (out / "pretrained_backbone.pkl").is_file()
+
+
+@pytest.mark.detectron2
+def test_no_detection_at_all_scores_zero_ap_while_a_size_range_without_ground_truth_stays_undefined():
+    from densecl.transfer.detection import COCODetectionTrainer, VOCDetectionTrainer
+
+    nan = float("nan")
+    nothing = {"bbox": dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), nan)}
+    some = {"bbox": {"AP": 12.5, "AP50": 30.0, "AP75": 8.0, "APs": nan, "APm": 4.0, "APl": 20.0, "AP-widget": 9.0}}
+    assert COCODetectionTrainer.summarize(nothing) == {"bbox/AP": 0.0, "bbox/AP50": 0.0, "bbox/AP75": 0.0}
+    assert VOCDetectionTrainer.summarize(nothing) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    assert COCODetectionTrainer.summarize(some) == {f"bbox/{k}": v for k, v in some["bbox"].items() if k != "APs"}
+

@@ -49,6 +49,15 @@ def test_table_groups_by_swept_values_and_averages_seeds():
     assert markdown.splitlines()[0] == "| matching | n | det_voc/AP | det_voc/AP50 | pretrain/loss |"
 
 
+def test_the_table_names_the_labelled_sets_the_stages_ran_on():
+    runs = fake_runs(np.random.default_rng(2))
+    runs["tags.densecl.dataset.det_voc"] = "shelves: 8 train / 4 val images, 2 classes (gadget, widget)"
+    runs.loc[0, "tags.densecl.dataset.det_voc"] = None  # a run without it adds nothing
+    table = report.build_table(runs, ["matching", "seed"], ["seed"])
+    assert "- det_voc ran on shelves: 8 train / 4 val images, 2 classes (gadget, widget)\n" in table.markdown()
+    assert sum("ran on" in note for note in table.notes) == 1
+
+
 def test_an_unswept_override_that_varies_becomes_a_row_key():
     runs = fake_runs(np.random.default_rng(1))
     runs["tags.override.pretrain.iters"] = np.where(runs["params.seed"] == "2", "200", "100")

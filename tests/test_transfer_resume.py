@@ -16,11 +16,18 @@ from densecl.transfer.configs import STAGE_CONFIGS, SegmentationConfig, Syntheti
 # downstream.synthetic = SYNTHETIC and paths.cache_dir = "/cache") on the same sections: each class's defaults,
 # and per case the fields that differ from them. That code wrote the synthetic set itself and left the stage
 # config's synthetic_num_train/num_val/image_size at their defaults (and had no synthetic_seed): those four now
-# describe the set, and are checked separately.
+# describe the set, and are checked separately. Since then, squeezing a schedule (max_iter) also squeezes
+# precise_bn_iters: the cases that squeeze one list the value.
 SYNTHETIC = SyntheticSet(num_train=96, num_val=32, image_size=160, seed=0)  # conf/downstream/synthetic.yaml
 SET_FIELDS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed")
 # fields added after the restructuring, at their defaults
-ADDED_SINCE = {"progress": True, "synthetic_class_cue": "texture", "synthetic_object_size": (0.1, 0.25)}
+ADDED_SINCE = {"progress": True, "synthetic_class_cue": "texture", "synthetic_object_size": (0.1, 0.25),
+               "custom": None}
+ADDED_SINCE_DETECTION = {"score_thresh_test": 0.05}
+
+
+def added_since(cls_name: str) -> dict:
+    return {**ADDED_SINCE, **(ADDED_SINCE_DETECTION if "Detection" in cls_name else {})}
 BASE_DEFAULTS = {
     "VOCDetectionConfig": {
         "arch": "resnet50", "data_root": "", "synthetic_root": "", "synthetic_num_train": 64, "synthetic_num_val": 16,
@@ -84,7 +91,7 @@ CASES = [  # stage, section, the pipeline's (arch, device, seed), the config cla
      ("resnet18", "auto", 0), "SegmentationConfig", {
         "arch": "resnet18", "synthetic_root": SYNTHETIC_ROOT, "max_iter": 120,
         "ims_per_batch": 4, "base_lr": 0.04, "clip_grad_norm": 10.0, "checkpoint_period": 300, "num_workers": 0,
-        "dataset": "synthetic", "crop_size": 128, "img_scale": (640, 160),
+        "dataset": "synthetic", "crop_size": 128, "img_scale": (640, 160), "precise_bn_iters": 6,
     }),
     ("seg_cityscapes", {"preset": "synthetic", "ims_per_batch": 4, "max_iter": 120, "num_workers": 0,
                         "test_mode": "slide", "slide_stride": 96, "align_corners": True},
@@ -92,7 +99,7 @@ CASES = [  # stage, section, the pipeline's (arch, device, seed), the config cla
         "arch": "resnet18", "synthetic_root": SYNTHETIC_ROOT, "max_iter": 120,
         "ims_per_batch": 4, "base_lr": 0.005, "clip_grad_norm": 10.0, "checkpoint_period": 300, "num_workers": 0,
         "dataset": "synthetic", "crop_size": 128, "img_scale": (640, 160), "test_mode": "slide", "slide_stride": 96,
-        "align_corners": True,
+        "align_corners": True, "precise_bn_iters": 6,
     }),
     # conf/downstream/paper.yaml's sections
     ("det_voc", {"data_root": "/data", "num_gpus": 8}, ("resnet50", "auto", 0), "VOCDetectionConfig", {
@@ -120,21 +127,21 @@ CASES = [  # stage, section, the pipeline's (arch, device, seed), the config cla
     ("seg_cityscapes", {"preset": "synthetic", "max_iter": 50}, ("resnet18", "cuda", 0), "SegmentationConfig", {
         "arch": "resnet18", "synthetic_root": SYNTHETIC_ROOT, "max_iter": 50,
         "ims_per_batch": 8, "clip_grad_norm": 10.0, "device": "cuda", "checkpoint_period": 125, "num_workers": 2,
-        "dataset": "synthetic", "crop_size": 128, "img_scale": (640, 160),
+        "dataset": "synthetic", "crop_size": 128, "img_scale": (640, 160), "precise_bn_iters": 5,
     }),
     ("det_coco", {"preset": "synthetic", "arch": "resnet34", "seed": 5, "device": "cpu", "min_size_train": [96],
                   "steps": [10, 20], "max_iter": 100},
      ("resnet18", "auto", 1), "COCODetectionConfig", {
         "arch": "resnet34", "synthetic_root": SYNTHETIC_ROOT, "max_iter": 100,
         "ims_per_batch": 8, "base_lr": 0.01, "steps": (10, 20), "warmup_iters": 1, "clip_grad_norm": 10.0,
-        "device": "cpu", "seed": 5, "checkpoint_period": 6, "num_workers": 2, "precise_bn_iters": 20,
+        "device": "cpu", "seed": 5, "checkpoint_period": 6, "num_workers": 2, "precise_bn_iters": 1,
         "train_datasets": ("synthetic_coco_train",), "test_dataset": "synthetic_coco_val", "min_size_train": (96,),
         "max_size_train": 320, "min_size_test": 160, "max_size_test": 320, "rpn_pre_nms_topk_train": 1000,
         "rpn_post_nms_topk_train": 500, "rpn_post_nms_topk_test": 300, "roi_batch_size_per_image": 128,
     }),
     ("det_voc", {"ims_per_batch": 8, "max_iter": 1000}, ("resnet50", "auto", 0), "VOCDetectionConfig", {
         "max_iter": 1000, "ims_per_batch": 8, "base_lr": 0.01, "steps": (750, 917), "warmup_iters": 4,
-        "checkpoint_period": 208,
+        "checkpoint_period": 208, "precise_bn_iters": 4,
     }),
 ]  # fmt: skip
 
@@ -150,7 +157,8 @@ def _fields(cfg) -> dict:
 
 def test_class_defaults_are_those_before_the_restructuring():
     for cls in {*STAGE_CONFIGS.values()}:
-        assert _fields(cls()) == {**BASE_DEFAULTS[cls.__name__], "synthetic_seed": 0, **ADDED_SINCE}, cls.__name__
+        expected = {**BASE_DEFAULTS[cls.__name__], "synthetic_seed": 0, **added_since(cls.__name__)}
+        assert _fields(cls()) == expected, cls.__name__
 
 
 @pytest.mark.parametrize(("stage", "section", "pipeline", "cls_name", "changed"), CASES)
@@ -161,7 +169,7 @@ def test_from_section_gives_the_values_of_before(stage, section, pipeline, cls_n
     assert section == given  # the section itself is left as it was
     assert type(cfg).__name__ == cls_name
     got = _fields(cfg)
-    expected = {**BASE_DEFAULTS[cls_name], **ADDED_SINCE, **changed}
+    expected = {**BASE_DEFAULTS[cls_name], **added_since(cls_name), **changed}
     assert {k: v for k, v in got.items() if k not in SET_FIELDS} == {
         k: v for k, v in expected.items() if k not in SET_FIELDS
     }
@@ -184,8 +192,9 @@ def test_synthetic_root_is_the_name_of_before(tmp_path):
     ("stage", "section", "key", "allowed"),
     [
         ("det_voc", {"max_iters": 5}, "max_iters", "allowed keys: preset, amp, arch, base_lr"),
-        ("det_voc", {"preset": "voc"}, "preset", "allowed: null (the paper's protocol), synthetic"),
-        ("seg_voc", {"preset": "tiny"}, "preset", "allowed: null (the paper's protocol), cityscapes, synthetic, voc"),
+        ("det_voc", {"preset": "voc"}, "preset", "allowed: null (the paper's protocol), custom, synthetic"),
+        ("seg_voc", {"preset": "tiny"}, "preset",
+         "allowed: null (the paper's protocol), cityscapes, custom, synthetic, voc"),
         ("det_voc", {"max_iter": "ten"}, "max_iter", "an integer"),
         ("det_coco", {"steps": [5, "x"]}, "steps", "a list, each item an integer"),
         ("seg_voc", {"precise_bn": 1}, "precise_bn", "true or false"),

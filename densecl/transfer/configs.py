@@ -14,9 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from densecl.config import ARCHS, ConfigValueError, check, check_positive
+from densecl.config import ARCHS, ConfigValueError, check, check_positive, from_dict
 from densecl.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
-from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset
+from densecl.transfer.custom import (
+    DETECTION_FORMATS,
+    SEGMENTATION_FORMATS,
+    CustomDataError,
+    CustomDataset,
+    read_dataset,
+)
+from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset, is_custom
 
 DEVICES = ("auto", "cuda", "cpu")
 AMP_MODES = ("none", "bf16")  # bf16 autocast around the training forward (GPU, or CPU with AVX512-BF16)
@@ -28,7 +35,9 @@ SEGMENTATION_DATASETS = {  # SegmentationConfig.dataset -> (train set, test set)
     "voc": ("voc_2012_sem_seg_train_aug", "voc_2012_sem_seg_val"),
     "cityscapes": ("cityscapes_fine_sem_seg_train", "cityscapes_fine_sem_seg_val"),
     "synthetic": ("synthetic_seg_train", "synthetic_seg_val"),
+    "custom": ("custom_seg_train", "custom_seg_val"),  # the user's own set: `custom`
 }
+CUSTOM_EVAL_TIMES = 5  # the custom presets evaluate this many times per schedule: a small set shows its curve
 
 
 @dataclass
@@ -95,8 +104,10 @@ class StageConfig:
     precise_bn: bool = True
     precise_bn_iters: int = 200
     amp: str = "none"  # one of AMP_MODES
+    custom: CustomDataset | None = None  # the user's labelled set, read by the `custom` preset
 
-    PRESETS: ClassVar[tuple[str, ...]] = ()  # the classmethods `from_section` may call by name
+    PRESETS: ClassVar[tuple[str, ...]] = ()  # the classmethods `from_section` may call by name (custom: custom_preset)
+    CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = ()  # the custom set formats the stage reads
 
     def scaled(self, ims_per_batch: int):
         """Same schedule at another batch size (the linear scaling rule): lr x k, every iteration count / k,
@@ -115,7 +126,8 @@ class StageConfig:
         )
 
     def shortened(self, max_iter: int):
-        """The same schedule shape in max_iter iterations (steps and periods scaled by max_iter / old)."""
+        """The same schedule shape in max_iter iterations: steps, warm-up, PreciseBN and the checkpoint and
+        evaluation periods scaled by max_iter / old."""
         f = max_iter / self.max_iter
         iters = lambda n: max(1, round(n * f)) if n > 0 else n  # noqa: E731
         steps = sorted({iters(s) for s in self.steps if iters(s) < max_iter})
@@ -124,6 +136,7 @@ class StageConfig:
             max_iter=max_iter,
             steps=tuple(steps),
             warmup_iters=min(iters(self.warmup_iters), max_iter),
+            precise_bn_iters=iters(self.precise_bn_iters),
             eval_period=iters(self.eval_period),
             checkpoint_period=iters(self.checkpoint_period),
         )
@@ -141,6 +154,16 @@ class StageConfig:
         check(list(self.steps) == sorted(self.steps) and all(0 < s < self.max_iter for s in self.steps), "steps",
               self.steps, f"must be increasing and inside (0, max_iter={self.max_iter})")
         check_positive(self, "synthetic_num_train", "synthetic_num_val", "synthetic_image_size")
+        reads_custom = any(is_custom(n) for n in self.dataset_names())
+        check(reads_custom == (self.custom is not None), "custom", self.custom,
+              "the `custom` preset reads a set given here (format, root, ...); other presets read none")
+        if self.custom is not None:
+            try:
+                self.custom.validate()
+            except ConfigValueError as err:
+                raise err.within("custom") from None
+            check(self.custom.format in self.CUSTOM_FORMATS, "custom.format", self.custom.format,
+                  f"this stage reads {', '.join(self.CUSTOM_FORMATS)}")
 
     def norm(self) -> str:
         """SyncBN across several GPUs (the protocol), plain BN in one process (what SyncBN reduces to)."""
@@ -152,8 +175,13 @@ class StageConfig:
     def check_data(self) -> None:
         """Every real data set the stage reads is in place (the synthetic set is written when the stage runs);
         else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
+        if self.custom is not None:
+            try:
+                read_dataset(self.custom)
+            except CustomDataError as err:
+                raise ConfigValueError("custom.root", self.custom.root, str(err)) from None
         for name in self.dataset_names():
-            if name.startswith("synthetic_"):
+            if name.startswith("synthetic_") or is_custom(name):
                 continue
             try:
                 check_dataset(name, self.data_root or None, self.synthetic_root or None)
@@ -172,6 +200,8 @@ class StageConfig:
         `synthetic` describes, under `cache_dir`."""
         values = dict(section)
         preset = values.pop("preset", None)
+        if isinstance(values.get("custom"), Mapping):
+            values["custom"] = from_dict(CustomDataset, values["custom"], "custom.")
         if synthetic is not None and not isinstance(synthetic, SyntheticSet):
             synthetic = SyntheticSet(**synthetic)  # e.g. the section as a plain mapping
         fields = sorted(f.name for f in dataclasses.fields(cls))
@@ -199,6 +229,8 @@ class StageConfig:
                 synthetic_seed=synthetic.seed, synthetic_class_cue=synthetic.class_cue,
                 synthetic_object_size=tuple(synthetic.object_size),
             )  # fmt: skip
+        elif preset == "custom":  # the classmethod has another name: `custom` is the field with the set
+            base = cls.custom_preset(**base_args)
         elif preset is not None:
             base = getattr(cls, preset)(**base_args)
         else:
@@ -217,6 +249,10 @@ def _fits(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    if value is None:
+        return hint is type(None)
     if origin is tuple:
         if not _is_list(value):
             return False
@@ -237,6 +273,12 @@ def _is_list(value: Any) -> bool:
 def _describe(hint: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if dataclasses.is_dataclass(hint):
+        return f"a section with the keys {', '.join(f.name for f in dataclasses.fields(hint))}"
+    if hint is type(None):
+        return "null"
     if typing.get_origin(hint) is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list, each item {_describe(args[0])}"
@@ -259,9 +301,23 @@ class DetectionConfig(StageConfig):
     rpn_post_nms_topk_test: int = 1000
     roi_batch_size_per_image: int = 512
     detections_per_image: int = 100
+    score_thresh_test: float = 0.05  # boxes scored below it are not reported
+
+    CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = DETECTION_FORMATS
 
     def dataset_names(self) -> list[str]:
         return [*self.train_datasets, self.test_dataset]
+
+    @classmethod
+    def custom_preset(cls, **overrides):
+        """The user's own set (`custom`): the protocol's model and shape at batch 8 in 4000 iterations,
+        short side 320-512 (test 512), evaluated CUSTOM_EVAL_TIMES times: a small set's schedule, sized by the
+        same max_iter / ims_per_batch knobs."""
+        base = cls(
+            min_size_train=tuple(range(320, 513, 32)), max_size_train=853, min_size_test=512, max_size_test=853,
+            train_datasets=("custom_det_train",), test_dataset="custom_det_val",
+        ).scaled(8).shortened(4000)  # fmt: skip
+        return dataclasses.replace(base, eval_period=base.max_iter // CUSTOM_EVAL_TIMES, **overrides)
 
     def validate(self) -> None:
         super().validate()
@@ -286,7 +342,7 @@ class VOCDetectionConfig(DetectionConfig):
     warmup_iters: int = 100
     extra_norm: bool = True  # a norm layer on the C4 box head's res5 output (MoCo's Res5ROIHeadsExtraNorm)
 
-    PRESETS: ClassVar[tuple[str, ...]] = ("synthetic",)
+    PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
 
     @classmethod
     def synthetic(cls, root: str, **overrides) -> VOCDetectionConfig:
@@ -315,7 +371,7 @@ class COCODetectionConfig(DetectionConfig):
     box_head_fcs: int = 1
     mask_format: str = "auto"  # one of MASK_FORMATS
 
-    PRESETS: ClassVar[tuple[str, ...]] = ("synthetic",)
+    PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
 
     @classmethod
     def synthetic(cls, root: str, **overrides) -> COCODetectionConfig:
@@ -353,7 +409,8 @@ def _synthetic_preset(cls, root: str, prefix: str, overrides: dict, **specific):
         train_datasets=(f"{prefix}_train",),
         test_dataset=f"{prefix}_val",
     )
-    return dataclasses.replace(base.scaled(8).shortened(2000), **overrides)
+    short = base.scaled(8).shortened(2000)
+    return dataclasses.replace(short, **{"precise_bn_iters": base.precise_bn_iters, **overrides})
 
 
 # ----------------------------------------------------------------------------------------- segmentation
@@ -387,7 +444,8 @@ class SegmentationConfig(StageConfig):
     warmup_iters: int = 0
     precise_bn: bool = False  # mmseg keeps the training statistics
 
-    PRESETS: ClassVar[tuple[str, ...]] = ("cityscapes", "synthetic", "voc")
+    PRESETS: ClassVar[tuple[str, ...]] = ("cityscapes", "custom", "synthetic", "voc")
+    CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = SEGMENTATION_FORMATS
 
     @classmethod
     def voc(cls, **overrides) -> SegmentationConfig:
@@ -410,6 +468,13 @@ class SegmentationConfig(StageConfig):
             max_iter=2000, ims_per_batch=8, num_workers=2, clip_grad_norm=10.0,
         )  # fmt: skip
         return cls(**{**values, **overrides})
+
+    @classmethod
+    def custom_preset(cls, **overrides) -> SegmentationConfig:
+        """The user's own set (`custom`): the VOC protocol at batch 8 in 4000 iterations, crop 384 of images
+        scaled to a 384 px short side (x 0.5-2), evaluated CUSTOM_EVAL_TIMES times."""
+        base = cls(dataset="custom", crop_size=384, img_scale=(1536, 384)).scaled(8).shortened(4000)
+        return dataclasses.replace(base, eval_period=base.max_iter // CUSTOM_EVAL_TIMES, **overrides)
 
     def names(self) -> tuple[str, str]:
         """(train set, test set)."""

@@ -17,9 +17,9 @@ def class_names(name: str) -> list[str]:
     return list(meta.stuff_classes if dataset_kind(name) == "sem_seg" else meta.thing_classes)
 
 
-def register_datasets(names, data_root=None, synthetic_root=None) -> None:
+def register_datasets(names, data_root=None, synthetic_root=None, custom_root=None) -> None:
     """Check every set first, then (re-)register them all; raises DatasetLayoutError naming a missing path."""
-    resolved = {name: resolve_dataset(name, data_root, synthetic_root) for name in dict.fromkeys(names)}
+    resolved = {name: resolve_dataset(name, data_root, synthetic_root, custom_root) for name in dict.fromkeys(names)}
     for name, info in resolved.items():
         if name in DatasetCatalog.list():  # detectron2 pre-registers builtin names under its own root
             DatasetCatalog.remove(name)
@@ -33,5 +33,6 @@ def register_datasets(names, data_root=None, synthetic_root=None) -> None:
             records = info["records"]
             DatasetCatalog.register(name, lambda records=records: [dict(r) for r in records])
             MetadataCatalog.get(name).set(
-                stuff_classes=list(info["classes"]), ignore_label=IGNORE_LABEL, evaluator_type="sem_seg"
+                stuff_classes=list(info["classes"]), ignore_label=info.get("ignore_label", IGNORE_LABEL),
+                evaluator_type="sem_seg",
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.layers import get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
@@ -18,6 +19,7 @@ from torch import nn
 from densecl.transfer.configs import COCODetectionConfig, DetectionConfig, VOCDetectionConfig
 from densecl.transfer.data import class_names
 from densecl.transfer.engine import TransferTrainer, base_d2_config, flat_metrics, run_stage
+from densecl.transfer.layouts import is_custom
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,39 @@ def _detection_d2_config(cfg: DetectionConfig, output_dir: str, zoo_config: str)
     c.MODEL.RPN.POST_NMS_TOPK_TEST = cfg.rpn_post_nms_topk_test
     c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
     c.TEST.DETECTIONS_PER_IMAGE = cfg.detections_per_image
+    c.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_thresh_test
     return c
 
 
 # ----------------------------------------------------------------------------------------- trainers
+def _custom_evaluator(cfg, dataset_name: str, output_folder: str | None):
+    """The user's own sets (densecl.transfer.custom) are COCO JSONs: COCO's evaluator, per class too."""
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder, use_fast_impl=False)
+
+
+def _zero_without_detections(results: dict) -> dict:
+    """COCOEvaluator gives NaN for every metric of a task when the model detected nothing: AP, AP50 and AP75
+    are then 0 (nothing found), not undefined."""
+    out = dict(results)
+    for task, metrics in results.items():
+        if metrics and all(math.isnan(v) for v in metrics.values()):
+            logger.warning("%s: no detection on the test set; AP, AP50 and AP75 are 0", task)
+            out[task] = {**metrics, "AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    return out
+
+
+def _defined(flat: dict[str, float]) -> dict[str, float]:
+    """NaN metrics (no ground truth in that size range) left out, and said so in the log."""
+    undefined = sorted(k for k, v in flat.items() if math.isnan(v))
+    if undefined:
+        logger.info("metrics undefined on this set (no ground truth of that kind), not reported: %s", undefined)
+    return {k: v for k, v in flat.items() if not math.isnan(v)}
+
+
 class VOCDetectionTrainer(TransferTrainer):
-    """Metrics AP, AP50, AP75 (PascalVOCDetectionEvaluator: VOC07 11-point AP for year-2007 test sets)."""
+    """Metrics AP, AP50, AP75 (PascalVOCDetectionEvaluator: VOC07 11-point AP for year-2007 test sets); on a
+    custom set COCO's AP, AP50, AP75, APs/m/l and AP-<class>."""
 
     @classmethod
     def build_d2_config(cls, cfg: VOCDetectionConfig, output_dir: str):
@@ -87,11 +116,13 @@ class VOCDetectionTrainer(TransferTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if is_custom(dataset_name):
+            return _custom_evaluator(cfg, dataset_name, output_folder)
         return PascalVOCDetectionEvaluator(dataset_name)
 
     @classmethod
     def summarize(cls, results: dict) -> dict[str, float]:
-        return {k: float(results["bbox"][k]) for k in ("AP", "AP50", "AP75")}
+        return _defined({k: float(v) for k, v in _zero_without_detections(results)["bbox"].items()})
 
 
 class COCODetectionTrainer(TransferTrainer):
@@ -110,11 +141,17 @@ class COCODetectionTrainer(TransferTrainer):
         c.MODEL.ROI_MASK_HEAD.NORM = norm
         c.MODEL.MASK_ON = True
         synthetic = any(n.startswith("synthetic_") for n in cfg.train_datasets)
-        c.INPUT.MASK_FORMAT = cfg.mask_format if cfg.mask_format != "auto" else "bitmask" if synthetic else "polygon"
+        auto = "bitmask" if synthetic else "polygon"
+        if cfg.custom is not None:  # boxes only when the set has no masks; RLE masks need bitmasks
+            meta = MetadataCatalog.get(cfg.test_dataset)
+            c.MODEL.MASK_ON, auto = meta.has_masks, meta.mask_format
+        c.INPUT.MASK_FORMAT = cfg.mask_format if cfg.mask_format != "auto" else auto
         return c
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if is_custom(dataset_name):
+            return _custom_evaluator(cfg, dataset_name, output_folder)
         # use_fast_impl=False: the fast COCOeval is C++ in detectron2._C; pycocotools gives the same numbers.
         return COCOEvaluator(
             dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder, use_fast_impl=False
@@ -123,11 +160,7 @@ class COCODetectionTrainer(TransferTrainer):
     @classmethod
     def summarize(cls, results: dict) -> dict[str, float]:
         """Flat bbox/... and segm/... metrics; NaN ones (no ground truth in that size range) are left out."""
-        flat = flat_metrics(results)
-        undefined = sorted(k for k, v in flat.items() if math.isnan(v))
-        if undefined:
-            logger.info("metrics undefined on this set (no ground truth of that kind), not reported: %s", undefined)
-        return {k: v for k, v in flat.items() if not math.isnan(v)}
+        return _defined(flat_metrics(_zero_without_detections(results)))
 
 
 # ------------------------------------------------------------------------------------------- stages

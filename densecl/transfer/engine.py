@@ -33,9 +33,10 @@ from densecl.distributed import resolve_device
 from densecl.files import write_json
 from densecl.resume import Reuse, reuse
 from densecl.synthetic import write_synthetic_dataset
+from densecl.transfer import custom
 from densecl.transfer.configs import StageConfig
 from densecl.transfer.data import register_datasets
-from densecl.transfer.layouts import check_dataset
+from densecl.transfer.layouts import check_dataset, is_custom
 from densecl.transfer.weights import load_pretrained, prepare_weights
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ DEPTH = {arch: int(arch.removeprefix("resnet")) for arch in ARCHS}  # MODEL.RESN
 STAGE_CONFIG = "stage_config.json"
 METRICS = "metrics.json"
 FINAL_MODEL = "model_final.pth"
+CUSTOM_DATA = "data"  # the user's checked set as the stage registers it (densecl.transfer.custom.prepare)
 
 
 def stage_device(cfg: StageConfig) -> str:
@@ -258,7 +260,14 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
     names = cfg.dataset_names()
     _ensure_synthetic(cfg, names)
     for name in names:  # before anything is built or converted
-        check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
+        if not is_custom(name):
+            check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
+    if cfg.custom is not None:  # read and checked whole, then written where the stage registers it from
+        summary = custom.prepare(cfg.custom, output_dir / CUSTOM_DATA)
+        logger.info(
+            "data set %s: %d train and %d val images, %d classes: %s", summary["name"], summary["num_train"],
+            summary["num_val"], len(summary["classes"]), ", ".join(summary["classes"]),
+        )  # fmt: skip
     pkl = prepare_weights(weights, output_dir)
     write_json(output_dir / STAGE_CONFIG, {**_settings(plain(cfg), weights), "weights_pkl": pkl})
 
@@ -272,7 +281,8 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
 
 
 def _worker(trainer_cls: type[TransferTrainer], cfg: StageConfig, pkl: str | None, output_dir: str) -> None:
-    register_datasets(cfg.dataset_names(), cfg.data_root or None, cfg.synthetic_root or None)
+    register_datasets(cfg.dataset_names(), cfg.data_root or None, cfg.synthetic_root or None,
+                      os.path.join(output_dir, CUSTOM_DATA))
     d2cfg = trainer_cls.build_d2_config(cfg, output_dir)
     d2cfg.freeze()
     seed_all_rng(cfg.seed + comm.get_rank())

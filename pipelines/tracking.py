@@ -36,6 +36,8 @@ PARENT_FILE = "mlflow_parent.json"  # in a sweep's (or a run group's) folder: it
 CHILD_FILE = "mlflow_run.json"  # in a job's folder: its child run
 TAG_KIND = "densecl.kind"  # a parent's kind: sweep or run
 TAG_SWEPT = "densecl.swept_keys"
+PROTOCOL_TAG = "densecl.protocol."  # + stage: paper, deviates, or the preset that is its own protocol
+PROTOCOL_PARAM = "protocol_deviations."  # + stage: the deviations, key=value (protocol's)
 DATASET_TAG = "densecl.dataset."  # + stage: the user's own labelled set the stage ran on, and its classes
 TAG_SWEPT_VALUES = "densecl.swept_values"
 TAG_GROUP_DIR = "densecl.group_dir"
@@ -343,6 +345,10 @@ class RunLogger:
     def tags(self, tags: Mapping[str, str]) -> None:
         if self.active:
             self.tracker.set_tags(self.run_id, tags)
+
+    def params(self, params: Mapping[str, str]) -> None:
+        if self.active:
+            self.tracker.log_params(self.run_id, params)
 
     def image(self, path: str | os.PathLike, key: str) -> None:
         if not self.active or not Path(path).is_file():

@@ -376,6 +376,7 @@ def test_the_pipeline_pretrains_on_the_sets_images_and_names_the_set_in_mlflow_a
     result = subprocess.run([sys.executable, "-m", "pipelines.run", *args], cwd=out, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "data set shelves: 8 train and 4 val images, 2 classes: gadget, widget" in result.stdout + result.stderr
 
     (job,) = [p for p in (out / "runs" / "default").iterdir() if p.is_dir()]
     used = json.loads((job / "det_voc" / "stage_config.json").read_text())["weights"]

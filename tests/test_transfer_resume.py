@@ -22,7 +22,7 @@ SYNTHETIC = SyntheticSet(num_train=96, num_val=32, image_size=160, seed=0)  # co
 SET_FIELDS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed")
 # fields added after the restructuring, at their defaults
 ADDED_SINCE = {"progress": True, "synthetic_class_cue": "texture", "synthetic_object_size": (0.1, 0.25),
-               "custom": None}
+               "custom": None, "strict_protocol": False}
 ADDED_SINCE_DETECTION = {"score_thresh_test": 0.05}
 
 

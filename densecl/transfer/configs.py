@@ -24,6 +24,7 @@ from densecl.transfer.custom import (
     read_dataset,
 )
 from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset, is_custom
+from densecl.transfer.protocol import Deviation, compare
 
 DEVICES = ("auto", "cuda", "cpu")
 AMP_MODES = ("none", "bf16")  # bf16 autocast around the training forward (GPU, or CPU with AVX512-BF16)
@@ -105,9 +106,11 @@ class StageConfig:
     precise_bn_iters: int = 200
     amp: str = "none"  # one of AMP_MODES
     custom: CustomDataset | None = None  # the user's labelled set, read by the `custom` preset
+    strict_protocol: bool = False  # a deviation from the published protocol is an error, before any work
 
     PRESETS: ClassVar[tuple[str, ...]] = ()  # the classmethods `from_section` may call by name (custom: custom_preset)
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = ()  # the custom set formats the stage reads
+    PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {}  # documented effects of a deviation, by key
 
     def scaled(self, ims_per_batch: int):
         """Same schedule at another batch size (the linear scaling rule): lr x k, every iteration count / k,
@@ -154,6 +157,7 @@ class StageConfig:
         check(list(self.steps) == sorted(self.steps) and all(0 < s < self.max_iter for s in self.steps), "steps",
               self.steps, f"must be increasing and inside (0, max_iter={self.max_iter})")
         check_positive(self, "synthetic_num_train", "synthetic_num_val", "synthetic_image_size")
+        self.check_protocol()
         reads_custom = any(is_custom(n) for n in self.dataset_names())
         check(reads_custom == (self.custom is not None), "custom", self.custom,
               "the `custom` preset reads a set given here (format, root, ...); other presets read none")
@@ -164,6 +168,34 @@ class StageConfig:
                 raise err.within("custom") from None
             check(self.custom.format in self.CUSTOM_FORMATS, "custom.format", self.custom.format,
                   f"this stage reads {', '.join(self.CUSTOM_FORMATS)}")
+
+    def own_protocol(self) -> str | None:
+        """'synthetic' or 'custom' when the stage runs on such a set: that preset is its own protocol."""
+        names = self.dataset_names()
+        if any(is_custom(n) for n in names):
+            return "custom"
+        if any(n.startswith("synthetic_") for n in names):
+            return "synthetic"
+        return None
+
+    def protocol(self) -> StageConfig:
+        """The published protocol this stage reproduces (the paper's runs: 8 GPUs, hence SyncBN)."""
+        raise NotImplementedError
+
+    def deviations(self) -> list[Deviation]:
+        """Each setting that differs from the published protocol; none on a synthetic or custom set."""
+        if self.own_protocol() is not None:
+            return []
+        return compare(self, self.protocol(), self.PROTOCOL_EFFECTS, self._derived_protocol_values())
+
+    def _derived_protocol_values(self) -> dict:
+        return {}
+
+    def check_protocol(self) -> None:
+        """With strict_protocol, a deviation is a ConfigValueError listing them all."""
+        deviations = self.deviations() if self.strict_protocol else []
+        check(not deviations, "strict_protocol", True,
+              "the stage deviates from its published protocol: " + "; ".join(map(str, deviations)))
 
     def norm(self) -> str:
         """SyncBN across several GPUs (the protocol), plain BN in one process (what SyncBN reduces to)."""
@@ -308,6 +340,9 @@ class DetectionConfig(StageConfig):
     def dataset_names(self) -> list[str]:
         return [*self.train_datasets, self.test_dataset]
 
+    def protocol(self) -> DetectionConfig:
+        return type(self)(num_gpus=8)
+
     @classmethod
     def custom_preset(cls, **overrides):
         """The user's own set (`custom`): the protocol's model and shape at batch 8 in 4000 iterations,
@@ -342,6 +377,12 @@ class VOCDetectionConfig(DetectionConfig):
     warmup_iters: int = 100
     extra_norm: bool = True  # a norm layer on the C4 box head's res5 output (MoCo's Res5ROIHeadsExtraNorm)
 
+    PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
+        "ims_per_batch": "a total batch under 16 gave VOC AP 48-51 where the released model gives 56.5 at 16 "
+        "(DenseCL#6)",
+        "norm": "the protocol's BN statistics are SyncBN's, over the total batch of 16",
+    }
+
     PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
 
     @classmethod
@@ -370,6 +411,11 @@ class COCODetectionConfig(DetectionConfig):
     box_head_convs: int = 4
     box_head_fcs: int = 1
     mask_format: str = "auto"  # one of MASK_FORMATS
+
+    PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
+        "norm": "the protocol has SyncBN in the backbone, FPN, box and mask heads (mmselfsup's detectron2 "
+        "configs, a 2fc head without norm, differ here)",
+    }
 
     PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
 
@@ -446,6 +492,12 @@ class SegmentationConfig(StageConfig):
 
     PRESETS: ClassVar[tuple[str, ...]] = ("cityscapes", "custom", "synthetic", "voc")
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = SEGMENTATION_FORMATS
+    PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
+        "ims_per_batch": "VOC segmentation on 2 GPUs (a smaller total batch) reproduced 62 mIoU against 69.4 "
+        "(DenseCL#38)",
+        "data sets": "VOC2012 without the SBD aug set reproduced 46.9 mIoU against 69.4 (DenseCL#19)",
+        "norm": "the protocol's BN statistics are SyncBN's, over the total batch",
+    }
 
     @classmethod
     def voc(cls, **overrides) -> SegmentationConfig:
@@ -475,6 +527,14 @@ class SegmentationConfig(StageConfig):
         scaled to a 384 px short side (x 0.5-2), evaluated CUSTOM_EVAL_TIMES times."""
         base = cls(dataset="custom", crop_size=384, img_scale=(1536, 384)).scaled(8).shortened(4000)
         return dataclasses.replace(base, eval_period=base.max_iter // CUSTOM_EVAL_TIMES, **overrides)
+
+    def protocol(self) -> SegmentationConfig:
+        return (self.cityscapes if self.dataset == "cityscapes" else self.voc)(num_gpus=4)
+
+    def _derived_protocol_values(self) -> dict:
+        # the data sets as names() resolves them ("" means the dataset's own), compared once
+        return {"data sets": (self.names(), self.protocol().names()), "dataset": (None, None),
+                "train_dataset": (None, None), "test_dataset": (None, None)}
 
     def names(self) -> tuple[str, str]:
         """(train set, test set)."""

@@ -40,6 +40,7 @@ from densecl.transfer.layouts import check_dataset, is_custom
 from densecl.transfer.weights import load_pretrained, prepare_weights
 
 logger = logging.getLogger(__name__)
+data_logger = logging.getLogger("densecl.data")  # the user's set and its classes: shown in the terminal too
 
 PIXEL_MEAN = [123.675, 116.280, 103.530]  # torchvision's ImageNet statistics on the 0-255 scale, RGB order
 PIXEL_STD = [58.395, 57.120, 57.375]
@@ -264,7 +265,7 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
             check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
     if cfg.custom is not None:  # read and checked whole, then written where the stage registers it from
         summary = custom.prepare(cfg.custom, output_dir / CUSTOM_DATA)
-        logger.info(
+        data_logger.info(
             "data set %s: %d train and %d val images, %d classes: %s", summary["name"], summary["num_train"],
             summary["num_val"], len(summary["classes"]), ", ".join(summary["classes"]),
         )  # fmt: skip

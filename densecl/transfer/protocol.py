@@ -1,0 +1,73 @@
+"""A transfer stage's effective settings against its published protocol (issue: most reproductions below the
+paper come from deviations the user did not notice: a smaller total batch, no SyncBN, no aug set).
+
+Each paper stage has a reference config (`StageConfig.protocol`); every field that changes what is trained
+or how it is scored is compared with it, and SyncBN (what `num_gpus > 1` gives) as `norm`. The synthetic and
+custom presets are their own protocols: nothing to compare. No torch and no detectron2: the pipeline lists
+the deviations while it checks the config, before any job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Fields that change neither what is trained nor how it is scored (where, how fast, what is logged), the
+# data's location, and those compared in another form (num_gpus as `norm`).
+NOT_PROTOCOL = frozenset({
+    "device", "seed", "num_workers", "progress", "log_period", "checkpoint_period", "eval_period", "data_root",
+    "synthetic_root", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed",
+    "synthetic_class_cue", "synthetic_object_size", "num_gpus", "custom", "strict_protocol",
+})  # fmt: skip
+PAPER, DEVIATES = "paper", "deviates"
+
+
+@dataclass(frozen=True)
+class Deviation:
+    key: str
+    value: Any
+    protocol: Any
+    effect: str = ""  # the documented effect on the result, where one is known
+
+    def __str__(self) -> str:
+        text = f"{self.key}={_show(self.value)} (protocol: {_show(self.protocol)})"
+        return f"{text}: {self.effect}" if self.effect else text
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def compare(cfg: Any, reference: Any, effects: dict[str, str],
+            derived: dict[str, tuple[Any, Any]] | None = None) -> list[Deviation]:
+    """Every protocol field where `cfg` differs from `reference` (same dataclass), then each derived value
+    ({name: (cfg's, reference's)}, e.g. norm) that differs; a field named in `derived` is compared there only."""
+    derived = {"norm": (cfg.norm(), reference.norm()), **(derived or {})}
+    found = []
+    for field in dataclasses.fields(reference):
+        if field.name in NOT_PROTOCOL or field.name in derived:
+            continue
+        value, expected = getattr(cfg, field.name), getattr(reference, field.name)
+        if _plain(value) != _plain(expected):
+            found.append(Deviation(field.name, value, expected, effects.get(field.name, "")))
+    for name, (value, expected) in derived.items():
+        if _plain(value) != _plain(expected):
+            found.append(Deviation(name, value, expected, effects.get(name, "")))
+    return found
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def status(deviations: list[Deviation], own_protocol: str | None) -> str:
+    """The mlflow tag's value: the preset's name when it is its own protocol, else paper or deviates."""
+    if own_protocol is not None:
+        return own_protocol
+    return DEVIATES if deviations else PAPER
+
+
+def summary(deviations: list[Deviation]) -> str:
+    """One line for the mlflow param: key=value (protocol) pairs, effects left out."""
+    return "; ".join(f"{d.key}={_show(d.value)} ({_show(d.protocol)})" for d in deviations)

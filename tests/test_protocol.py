@@ -1,0 +1,152 @@
+"""The protocol guard (densecl.transfer.protocol): the paper presets deviate in nothing, each deviation a user
+can make is listed (with its documented effect where there is one), strict_protocol refuses before any work,
+the synthetic and custom presets are their own protocols, and mlflow and the report carry the result."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from densecl.config import ConfigValueError
+from densecl.transfer.configs import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
+from pipelines import report, schema
+
+PAPER_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")
+
+
+def stage_configs(*overrides: str) -> dict:
+    cfg = schema.compose(["model=random_init", *overrides], return_hydra_config=False)
+    settings = schema.settings(cfg)
+    return {stage: settings.stage_config(stage) for stage in PAPER_STAGES}
+
+
+def test_the_paper_presets_deviate_in_nothing():
+    for stage, cfg in stage_configs("downstream=paper", "backbone=resnet50").items():
+        assert cfg.own_protocol() is None, stage
+        assert cfg.deviations() == [], (stage, [str(d) for d in cfg.deviations()])
+
+
+@pytest.mark.parametrize("group", ["first_run", "synthetic"])
+def test_the_synthetic_presets_are_their_own_protocol(group):
+    for stage, cfg in stage_configs(f"downstream={group}").items():
+        assert cfg.own_protocol() == "synthetic" and cfg.deviations() == [], stage
+
+
+VOC = VOCDetectionConfig(num_gpus=8)
+COCO = COCODetectionConfig(num_gpus=8)
+SEG_VOC = SegmentationConfig.voc(num_gpus=4)
+SEG_CITYSCAPES = SegmentationConfig.cityscapes(num_gpus=4)
+
+
+@pytest.mark.parametrize(
+    ("base", "changes", "keys", "effect"),
+    [
+        (VOC, {"ims_per_batch": 8}, ["ims_per_batch"], "DenseCL#6"),  # total batch
+        (VOC, {"base_lr": 0.03}, ["base_lr"], ""),  # lr after scaling
+        (VOC, {"max_iter": 12000, "steps": (9000, 11000)}, ["max_iter", "steps"], ""),  # iterations and steps
+        (VOC, {"num_gpus": 1}, ["norm"], "SyncBN"),  # SyncBN in backbone and heads
+        (COCO, {"num_gpus": 1}, ["norm"], "FPN, box and mask heads"),
+        (VOC, {"extra_norm": False}, ["extra_norm"], ""),  # the extra BN after res5 (C4)
+        (VOC, {"min_size_train": (800,), "min_size_test": 600}, ["min_size_train", "min_size_test"], ""),  # sizes
+        (VOC, {"precise_bn": False}, ["precise_bn"], ""),
+        (COCO, {"box_head_convs": 0, "box_head_fcs": 2}, ["box_head_convs", "box_head_fcs"], ""),
+        (SEG_VOC, {"crop_size": 320}, ["crop_size"], ""),  # crops
+        (SEG_VOC, {"ims_per_batch": 8}, ["ims_per_batch"], "DenseCL#38"),
+        (SEG_VOC, {"train_dataset": "voc_2012_sem_seg_val"}, ["data sets"], "DenseCL#19"),
+        (SEG_CITYSCAPES, {"test_mode": "whole", "align_corners": False}, ["test_mode", "align_corners"], ""),
+        (SEG_VOC, {"arch": "resnet18", "amp": "bf16"}, ["arch", "amp"], ""),
+    ],
+)
+def test_each_deviation_is_listed_with_its_known_effect(base, changes, keys, effect):
+    cfg = dataclasses.replace(base, **changes)
+    deviations = cfg.deviations()
+    assert [d.key for d in deviations] == keys
+    first = deviations[0]
+    if first.key in changes:
+        assert (first.value, first.protocol) == (changes[first.key], getattr(base, first.key))
+    assert effect in first.effect and bool(first.effect) == bool(effect)
+
+
+def test_settings_that_change_no_result_are_not_deviations():
+    cfg = dataclasses.replace(VOC, device="cpu", num_workers=0, eval_period=100, checkpoint_period=7, seed=3,
+                              data_root="/elsewhere", num_gpus=4, progress=False)
+    assert cfg.deviations() == []
+
+
+def test_strict_protocol_refuses_a_deviating_stage_before_any_work():
+    sections = {"num_gpus": 1, "strict_protocol": True}
+    with pytest.raises(ConfigValueError, match=r"^strict_protocol=True is invalid: .*norm=BN \(protocol: SyncBN\)"):
+        VOCDetectionConfig.from_section(sections, arch="resnet50", device="auto", seed=0)
+    VOCDetectionConfig.from_section({**sections, "num_gpus": 8}, arch="resnet50", device="auto", seed=0)
+    cfg = schema.compose(["model=random_init", "downstream=paper", "backbone=resnet18", "stages=[det_voc]",
+                          "++downstream.det_voc.strict_protocol=true"], return_hydra_config=False)
+    with pytest.raises(ConfigValueError, match=r"^downstream\.det_voc\.strict_protocol=True .*arch=resnet18"):
+        schema.validate(cfg, check_paths=False)
+
+
+def test_strict_protocol_accepts_the_synthetic_presets():
+    cfg = schema.compose(["model=random_init", "++downstream.det_voc.strict_protocol=true"],
+                         return_hydra_config=False)
+    schema.validate(cfg, check_paths=False)
+
+
+def test_the_report_shows_each_stages_protocol_per_row():
+    rows = []
+    for matching in ("backbone", "geometric"):
+        for seed in (0, 1):
+            rows.append({"tags.override.matching": matching, "tags.override.seed": str(seed), "params.seed": str(seed),
+                         "metrics.det_voc/AP": float(np.random.default_rng(seed).normal(50, 1)),
+                         "tags.densecl.protocol.det_voc": "deviates" if matching == "geometric" and seed else "paper"})
+    table = report.build_table(pd.DataFrame(rows), ["matching", "seed"], ["seed"])
+    assert table.labels == ["det_voc protocol"]
+    assert list(table.summary["det_voc protocol"]) == ["paper", "deviates/paper"]
+    assert table.markdown().splitlines()[0] == "| matching | n | det_voc protocol | det_voc/AP |"
+
+
+class RecordingRunLogger:
+    def __init__(self):
+        self.tags_logged, self.params_logged = {}, {}
+
+    def tags(self, tags):
+        self.tags_logged.update(tags)
+
+    def params(self, params):
+        self.params_logged.update(params)
+
+
+def test_a_stage_lists_its_deviations_at_its_start_and_records_them(tmp_path, caplog):
+    from pipelines.stages import Job, _record_protocol
+
+    overrides = ["downstream=paper", "backbone=resnet18", "++downstream.det_voc.num_gpus=1"]
+    cfg = schema.settings(schema.compose(["model=random_init", *overrides], return_hydra_config=False))
+    tracking = RecordingRunLogger()
+    with caplog.at_level("WARNING", logger="pipelines.stages"):
+        _record_protocol(Job(cfg, tmp_path, tracking), "det_voc")
+    assert tracking.tags_logged == {"densecl.protocol.det_voc": "deviates"}
+    assert tracking.params_logged == {"protocol_deviations.det_voc": "arch=resnet18 (resnet50); norm=BN (SyncBN)"}
+    warnings = [r.getMessage() for r in caplog.records]
+    norm = cfg.stage_config("det_voc").deviations()[1]
+    assert warnings == ["stage det_voc deviates from its published protocol: arch=resnet18 (protocol: resnet50)",
+                        f"stage det_voc deviates from its published protocol: {norm}"]
+    assert "DenseCL" not in warnings[0] and "SyncBN's" in warnings[1]
+
+    tracking = RecordingRunLogger()
+    default = schema.settings(schema.compose(["model=random_init"], return_hydra_config=False))
+    _record_protocol(Job(default, tmp_path, tracking), "seg_voc")
+    assert tracking.tags_logged == {"densecl.protocol.seg_voc": "synthetic"} and tracking.params_logged == {}
+
+
+def test_eval_released_runs_the_paper_protocols_on_the_given_weights_without_pretraining(tmp_path):
+    from pipelines.stages import Job, planned_stages, transfer_weights
+
+    cfg = schema.compose(["+experiment=eval_released", "pretrain.weights=/ckpt/densecl_r50.pth"],
+                         return_hydra_config=False)
+    schema.validate(cfg, check_paths=False)
+    settings = schema.settings(cfg)
+    assert planned_stages(settings) == list(PAPER_STAGES)
+    for stage in PAPER_STAGES:
+        assert settings.stage_config(stage).deviations() == [], stage
+    assert str(transfer_weights(Job(settings, tmp_path, None))) == "/ckpt/densecl_r50.pth"

@@ -276,7 +276,7 @@ class SegTrainMapper:
         image, label = _resize(image, size, nearest=False), _resize(label, size, nearest=True)
         image, label = self._crop(image, label, rng)
         if rng.random() < 0.5:
-            image, label = image[:, ::-1], label  # PLANT
+            image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric:
             image = _photometric(np.ascontiguousarray(image), rng)
         return {

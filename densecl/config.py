@@ -191,6 +191,12 @@ class TrainingConfig:
     corr_eval_crop: int | None = None  # correspondence accuracy on fixed view pairs at this crop (e.g. 160)
     corr_eval_pairs: int = 64
     corr_eval_every: int = 100  # iterations; a multiple of log_every (also at 0 and at the end)
+    # feature-quality signals (densecl.quality: dense probe and k-NN on built-in labelled scenes), also at 0
+    # and at the end: every N iterations, None = 4 times over the schedule (densecl.quality.QUALITY_EVALS), 0 = off
+    eval_every: int | None = None
+    eval_num_train: int = 64  # labelled scenes the probe and k-NN fit on
+    eval_num_val: int = 32  # and score on
+    eval_size: int = 96  # their side in pixels, as the backbone sees them
     deterministic: bool = False
     ckpt_every: int = 1000
     log_every: int = 10
@@ -215,6 +221,10 @@ class TrainingConfig:
               f"must divide pretrain.batch_size={self.batch_size} into equal BN groups")
         check(self.bn_splits == 1 or not self.sync_bn, "bn_splits", self.bn_splits,
               "with pretrain.sync_bn=true: choose split BN or SyncBN, not both")
+        check(self.eval_every is None or self.eval_every >= 0, "eval_every", self.eval_every,
+              "allowed: null (a few times over the schedule), 0 (off) or an integer >= 1")
+        check_positive(self, "eval_num_train", "eval_num_val")
+        check(self.eval_size >= 32, "eval_size", self.eval_size, "allowed: an integer >= 32")
         if self.corr_eval_crop is not None:
             check(self.corr_eval_crop >= 32, "corr_eval_crop", self.corr_eval_crop, "allowed: a crop >= 32 px")
             check_positive(self, "corr_eval_pairs", "corr_eval_every")

@@ -27,6 +27,7 @@ from densecl.export import backbone_state_dict, save_backbone
 from densecl.files import write_json
 from densecl.model import DenseCL
 from densecl.optim import build_optimizer, build_scheduler
+from densecl.quality import QUALITY_EVALS, FeatureQuality, QualitySet
 from densecl.resume import Reuse, reuse
 from densecl.sampling import ResumableSampler, build_dataset, with_view_size
 from densecl.trainer import (
@@ -179,6 +180,10 @@ def training_hooks(cfg: PretrainConfig, trainer: Trainer, dataset, on_step, shou
     if train.corr_eval_crop is not None and main:
         eval_pairs = fixed_view_pairs(with_view_size(dataset, train.corr_eval_crop), train.corr_eval_pairs)
     hooks = [LogMetrics(train.log_every, on_step, eval_pairs, train.corr_eval_every)]
+    if train.eval_every != 0 and main:
+        every = train.eval_every or max(1, trainer.total_steps // QUALITY_EVALS)
+        data = QualitySet.scenes(train.eval_num_train, train.eval_num_val, train.eval_size)
+        hooks.append(FeatureQuality(data, every, on_step))
     if train.progress and main and trainer.step < trainer.total_steps:
         hooks.append(ProgressBar())
     hooks.append(PeriodicCheckpoint(train.ckpt_every))

@@ -22,6 +22,7 @@ HEADLINES = {
     "seg_voc": ("mIoU",),
     "seg_cityscapes": ("mIoU",),
     "probe": ("mIoU",),
+    "classify": ("top1",),
 }
 TRIVIAL_MIOU = "mIoU_trivial"  # every pixel labelled with the most frequent class (background on VOC)
 DETAILED_LOGGERS = ("detectron2", "fvcore", "densecl.transfer")
@@ -37,6 +38,8 @@ def headline(stage: str, metrics: Mapping[str, float]) -> str:
         shown += " (trivial: 0)"
     elif TRIVIAL_MIOU in metrics:
         shown += f" (trivial: {metrics[TRIVIAL_MIOU]:.4g})"
+    elif "top1_chance" in metrics:
+        shown += f" (chance: {metrics['top1_chance']:.4g})"
     return shown
 
 

@@ -26,6 +26,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from densecl.classify import LinearClassifierConfig
 from densecl.config import ConfigValueError, ModelName, PretrainConfig, check, from_dict, validate_sections
 from densecl.probe import LinearProbeConfig
 from densecl.resume import is_result_neutral
@@ -34,12 +35,16 @@ from densecl.transfer.configs import STAGE_CONFIGS, StageConfig, SyntheticSet
 __all__ = ["ConfigValueError", "PipelineConfig", "compose", "job_dirname", "register", "settings", "validate"]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
-DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe")
+STAGES = ("pretrain", "convert", "det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe", "classify")
+DOWNSTREAM_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes", "probe", "classify")
+OPTIONAL_STAGES = ("classify",)  # run when listed in `stages`, not by default: they need the user's data
 # Keys that name where and how a job runs, not what it computes: left out of job folder names, as are the
 # keys that change no result (densecl.resume.RESULT_NEUTRAL).
 NOT_IN_FOLDER_NAMES = ("experiment", "name", "stages", "verbose", "paths", "paths.*", "tracking", "tracking.*",
                        "report", "report.*")
+
+
+StageSettings = StageConfig | LinearProbeConfig | LinearClassifierConfig  # what stage_config returns
 
 
 @dataclass
@@ -53,6 +58,7 @@ class DownstreamConfig:
     seg_voc: dict[str, Any] = field(default_factory=dict)
     seg_cityscapes: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
+    classify: dict[str, Any] = field(default_factory=dict)  # densecl.classify.LinearClassifierConfig
 
     def validate(self) -> None:
         """The synthetic set; each stage's section is checked when its config is built (`stage_config`)."""
@@ -95,7 +101,7 @@ class PipelineConfig(PretrainConfig):
     """The pre-training settings plus the stages to run, their sections, tracking, paths and the report."""
 
     name: str = "default"  # output folders and the mlflow experiment
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s not in OPTIONAL_STAGES])
     verbose: bool = False  # detectron2's detailed log in the terminal too (it always goes to each stage's log.txt)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -130,7 +136,7 @@ class PipelineConfig(PretrainConfig):
             if stage in DOWNSTREAM_STAGES:
                 self.stage_config(stage, check_paths)
 
-    def stage_config(self, stage: str, check_paths: bool = False) -> StageConfig | LinearProbeConfig:
+    def stage_config(self, stage: str, check_paths: bool = False) -> StageSettings:
         """The config object of a downstream stage, from its `downstream.<stage>` section; arch, device and
         seed follow the pipeline's unless the section sets them."""
         section = dict(getattr(self.downstream, stage))
@@ -139,6 +145,12 @@ class PipelineConfig(PretrainConfig):
             if stage == "probe":
                 stage_cfg = from_dict(LinearProbeConfig, {**base, **section})
                 stage_cfg.validate()
+                return stage_cfg
+            if stage == "classify":
+                stage_cfg = from_dict(LinearClassifierConfig, {**base, **section})
+                stage_cfg.validate()
+                if check_paths:
+                    stage_cfg.check_data()
                 return stage_cfg
             stage_cfg = STAGE_CONFIGS[stage].from_section(
                 section, **base, synthetic=self.downstream.synthetic, cache_dir=self.paths.cache_dir

@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from densecl.checkpoint import load_trained_model
+from densecl.classify import run_classification
 from densecl.config import DataKind, ModelName
 from densecl.engine import pretrain
 from densecl.files import write_atomic, write_json
@@ -299,9 +300,16 @@ def run_probe(job: Job) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def run_classify(job: Job) -> dict[str, float]:
+    """The linear classifier on frozen global features of the user's labelled image folder."""
+    cfg = job.cfg.stage_config("classify")
+    return run_classification(cfg, backbone_weights(job), job.stage_dir("classify"))
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Job], dict[str, float]]] = {
     "pretrain": run_pretrain,
     "convert": run_convert,
     **{s: functools.partial(run_transfer, stage=s) for s in ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")},
     "probe": run_probe,
+    "classify": run_classify,
 }

@@ -31,7 +31,7 @@ def tiny_config(model: dict | None = None, matching: str = "backbone", data: Dat
                 **pretrain) -> PretrainConfig:
     """A few CPU iterations of ResNet-18 at 64 px; keyword arguments are `pretrain` section fields."""
     train = dict(crop_size=64, batch_size=4, queue_len=16, iters=6, epochs=None, ckpt_every=2, log_every=1,
-                 num_workers=0, deterministic=True, progress=False)
+                 num_workers=0, deterministic=True, progress=False, eval_every=0)
     train.update(pretrain)
     return PretrainConfig(
         backbone=BackboneConfig(arch="resnet18"),

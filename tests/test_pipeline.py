@@ -33,6 +33,10 @@ TINY = [  # seconds per job on 2 cores (mostly start-up)
     "pretrain.crop_size=64",
     "pretrain.log_every=2",
     "pretrain.ckpt_every=2",
+    "pretrain.eval_every=2",  # the feature-quality signals at 0, 2 and 4, on a few small scenes
+    "pretrain.eval_num_train=8",
+    "pretrain.eval_num_val=4",
+    "pretrain.eval_size=64",
     "data.num_images=16",
     "pretrain.figure.num_images=1",
     "pretrain.figure.crop_size=64",
@@ -126,6 +130,10 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
             assert {"det_voc/AP", "det_voc/AP50", "det_voc/AP75", "seg_voc/mIoU"} <= set(metrics)
         curve = tracker.client.get_metric_history(child.info.run_id, "pretrain/loss_dense")
         assert sorted(m.step for m in curve) == [2, 4]  # every log_every iterations, final not repeated
+        for name in ("pretrain/probe_mIoU", "pretrain/knn_acc"):  # the feature-quality curves, from step 0
+            assert sorted(m.step for m in tracker.client.get_metric_history(child.info.run_id, name)) == [0, 2, 4]
+        if HAVE_DETECTRON2:  # each stage's protocol: the synthetic presets are their own
+            assert child.data.tags["densecl.protocol.det_voc"] == "synthetic"
         artifacts = {a.path for a in tracker.client.list_artifacts(child.info.run_id, "pretrain")}
         assert {"pretrain/metrics.json", "pretrain/backbone.pth", "pretrain/correspondence.png"} <= artifacts
         assert [a.path for a in tracker.client.list_artifacts(child.info.run_id, "config")] == [

@@ -1,0 +1,126 @@
+"""Feature-quality signals during pre-training: whether the backbone is learning features that transfer, seen
+while it trains rather than after the downstream stages.
+
+Every `pretrain.eval_every` iterations the query backbone, frozen, is scored on a small labelled set (the
+built-in scenes): a dense linear probe on C4 (mIoU, beside the trivial all-background mIoU) and a k-NN
+accuracy on its pooled C5 features (each image labelled by the class covering most of it, beside the
+most-frequent-class rate). The evaluation runs in eval mode under a forked RNG, so training's random stream
+and BN statistics are untouched: a run with the signals gives the same weights as one without.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from densecl.backbone import ResNetTrunk
+from densecl.probe import LinearProbeConfig, fit_and_score, scenes
+from densecl.synthetic import CLASS_NAMES
+from densecl.trainer import Hook, Trainer
+
+NUM_CLASSES = len(CLASS_NAMES) + 1  # background + the scenes' classes
+KNN_K = 5
+QUALITY_EVALS = 4  # times over the schedule when pretrain.eval_every is null: the cost stays a few percent
+
+
+@dataclass
+class QualitySet:
+    """Images normalised for the backbone, dense labels and image labels, for the train and val scenes."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+
+    @classmethod
+    def scenes(cls, num_train: int, num_val: int, input_size: int, seed: int = 0) -> QualitySet:
+        cfg = LinearProbeConfig(image_size=input_size // 2, input_size=input_size, num_train=num_train,
+                                num_val=num_val, data_seed=seed)
+        return cls(*scenes(cfg, "train"), *scenes(cfg, "val"))
+
+
+def probe_config(seed: int = 0) -> LinearProbeConfig:
+    """The dense probe's recipe: the pipeline probe's (C4, balanced classes), fewer epochs on fewer images."""
+    return LinearProbeConfig(layer="c4", class_weighting="balanced", epochs=10, batch_size=16, seed=seed,
+                             progress=False)
+
+
+def image_labels(dense: torch.Tensor) -> torch.Tensor:
+    """Each image's class: the object class covering most of its pixels (background only when none shows)."""
+    counts = torch.stack([torch.bincount(d.flatten(), minlength=NUM_CLASSES)[:NUM_CLASSES] for d in dense])
+    objects = counts[:, 1:]
+    return torch.where(objects.sum(1) > 0, objects.argmax(1) + 1, torch.zeros(len(dense), dtype=torch.long))
+
+
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                 val_labels: torch.Tensor, k: int = KNN_K) -> float:
+    """Percent of val images whose k nearest train images (cosine) vote for their label; a tie goes to the
+    tied class with the nearest neighbour."""
+    sims = F.normalize(val_feats, dim=1) @ F.normalize(train_feats, dim=1).T
+    order = sims.argsort(dim=1, descending=True)[:, : min(k, len(train_feats))]
+    votes = train_labels[order]  # (val, k), nearest first
+    counts = F.one_hot(votes, int(train_labels.max()) + 1).sum(1)
+    tied = counts == counts.max(dim=1, keepdim=True).values
+    first_tied = tied.gather(1, votes).float().argmax(1)  # the nearest neighbour whose class is among the tied
+    predicted = votes.gather(1, first_tied[:, None]).squeeze(1)
+    return 100.0 * float((predicted == val_labels).float().mean())
+
+
+@torch.no_grad()
+def _features(backbone: ResNetTrunk, images: torch.Tensor, device: torch.device, batch: int = 32):
+    c4, c5 = [], []
+    for start in range(0, len(images), batch):
+        feats = backbone.forward_features(images[start : start + batch].to(device))
+        c4.append(feats[2].float().cpu())
+        c5.append(feats[3].float().mean(dim=(2, 3)).cpu())
+    return torch.cat(c4), torch.cat(c5)
+
+
+def evaluate_features(backbone: ResNetTrunk, data: QualitySet, device: torch.device, seed: int = 0) -> dict:
+    """probe_mIoU, probe_mIoU_trivial, knn_acc and knn_acc_chance of the backbone as it is now."""
+    was_training = backbone.training
+    backbone.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            train_c4, train_c5 = _features(backbone, data.train_images, device)
+            val_c4, val_c5 = _features(backbone, data.val_images, device)
+            probe = fit_and_score(train_c4, data.train_labels, val_c4, data.val_labels, NUM_CLASSES,
+                                  probe_config(seed), device)
+    finally:
+        backbone.train(was_training)
+    train_classes, val_classes = image_labels(data.train_labels), image_labels(data.val_labels)
+    chance = 100.0 * float(torch.bincount(val_classes).max()) / len(val_classes)
+    return {
+        "probe_mIoU": probe["mIoU"],
+        "probe_mIoU_trivial": probe["mIoU_trivial"],
+        "knn_acc": knn_accuracy(train_c5, train_classes, val_c5, val_classes),
+        "knn_acc_chance": chance,
+    }
+
+
+class FeatureQuality(Hook):
+    """Scores the query backbone before the first step, every `every` steps and at the last (main process),
+    logs the figures through `on_step` and adds them to `trainer.metrics`."""
+
+    def __init__(self, data: QualitySet, every: int, on_step: Callable | None, seed: int = 0):
+        self.data, self.every, self.on_step, self.seed = data, every, on_step, seed
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.step == 0:
+            self._score(trainer, 0)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step % self.every == 0 or trainer.step == trainer.total_steps:
+            self._score(trainer, trainer.step)
+
+    def _score(self, trainer: Trainer, step: int) -> None:
+        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+        metrics = evaluate_features(model.encoder_q.backbone, self.data, trainer.device, self.seed)
+        if step == trainer.total_steps:
+            trainer.metrics = {**trainer.metrics, **metrics}
+        if self.on_step is not None:
+            self.on_step(step, dict(metrics))

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torchvision import transforms as T
 
-from densecl.config import ARCHS, check, check_positive, from_dict, plain
+from densecl.config import ARCHS, check, check_positive, plain
 from densecl.distributed import resolve_device
 from densecl.files import write_json
 from densecl.probe import load_frozen_backbone
-from densecl.resume import Reuse, reuse
+from densecl.resume import Reuse, reuse_recorded
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -146,11 +146,8 @@ def run_classification(cfg: LinearClassifierConfig, weights, output_dir) -> dict
     output_dir = Path(output_dir)
     metrics_file, config_file = output_dir / "metrics.json", output_dir / "classify_config.json"
     current = {"config": plain(cfg), "weights": str(weights) if weights else None}
-    saved = None
-    if config_file.exists():
-        recorded = json.loads(config_file.read_text())
-        saved = {**recorded, "config": plain(from_dict(LinearClassifierConfig, recorded["config"]))}
-    if reuse(output_dir, saved, current, finished=saved is not None and metrics_file.exists()) is Reuse.DONE:
+    decision = reuse_recorded(output_dir, config_file, LinearClassifierConfig, current, metrics_file.exists())
+    if decision is Reuse.DONE:
         return json.loads(metrics_file.read_text())
     metrics = classify(cfg, weights)
     output_dir.mkdir(parents=True, exist_ok=True)

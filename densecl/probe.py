@@ -19,12 +19,12 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from densecl.backbone import ResNetTrunk
-from densecl.config import ARCHS, check, check_positive, from_dict, plain
+from densecl.config import ARCHS, check, check_positive, plain
 from densecl.distributed import resolve_device
 from densecl.export import load_backbone_weights
 from densecl.files import write_json
 from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
-from densecl.resume import Reuse, reuse
+from densecl.resume import Reuse, reuse_recorded
 from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -185,11 +185,7 @@ def run_linear_probe(cfg: LinearProbeConfig, weights: str | os.PathLike | None, 
     output_dir = Path(output_dir)
     metrics_file, config_file = output_dir / "metrics.json", output_dir / "probe_config.json"
     current = {"config": plain(cfg), "weights": str(weights) if weights else None}
-    saved = None
-    if config_file.exists():
-        recorded = json.loads(config_file.read_text())
-        saved = {**recorded, "config": plain(from_dict(LinearProbeConfig, recorded["config"]))}
-    if reuse(output_dir, saved, current, finished=saved is not None and metrics_file.exists()) is Reuse.DONE:
+    if reuse_recorded(output_dir, config_file, LinearProbeConfig, current, metrics_file.exists()) is Reuse.DONE:
         return json.loads(metrics_file.read_text())
     device = resolve_device(cfg.device)
     trunk = load_frozen_backbone(cfg.arch, weights, cfg.seed)

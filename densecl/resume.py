@@ -8,12 +8,13 @@ would be reported under settings they were not made with. Settings that change n
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from densecl.config import flatten
+from densecl.config import flatten, from_dict, plain
 
 # Keys (at any depth: `pretrain.num_workers`, `downstream.det_voc.log_period`) that change neither the weights
 # nor the figures a stage reports. Job folder names leave them out too (pipelines.schema.job_dirname).
@@ -65,6 +66,18 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
 def _comparable(value: Any) -> Any:
     value = value.value if isinstance(value, Enum) else value
     return list(value) if isinstance(value, tuple) else value
+
+
+def reuse_recorded(folder: str | os.PathLike, record: str | os.PathLike, config_cls: type,
+                   current: Mapping[str, Any], finished: bool) -> Reuse:
+    """`reuse` for a folder whose settings file `record` holds {"config": ..., ...} (absent: none recorded);
+    the config is read through `config_cls`, so that a field added since counts as its default."""
+    saved = None
+    if os.path.exists(record):
+        with open(record) as file:
+            recorded = json.load(file)
+        saved = {**recorded, "config": plain(from_dict(config_cls, recorded["config"]))}
+    return reuse(folder, saved, current, finished=saved is not None and finished)
 
 
 def reuse(folder: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any],

@@ -150,3 +150,16 @@ def test_eval_released_runs_the_paper_protocols_on_the_given_weights_without_pre
     for stage in PAPER_STAGES:
         assert settings.stage_config(stage).deviations() == [], stage
     assert str(transfer_weights(Job(settings, tmp_path, None))) == "/ckpt/densecl_r50.pth"
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize("cfg", [VOC, COCO, SEG_VOC, SEG_CITYSCAPES], ids=["voc", "coco", "seg_voc", "cityscapes"])
+def test_what_no_setting_changes_matches_the_protocol_in_the_built_detectron2_config(cfg, tmp_path):
+    from densecl.transfer.engine import base_d2_config
+    from densecl.transfer.protocol import fixed_deviations
+
+    d2 = base_d2_config(dataclasses.replace(cfg, device="cpu", num_gpus=1), str(tmp_path))
+    assert fixed_deviations(d2) == []
+    d2.MODEL.PIXEL_MEAN, d2.MODEL.PIXEL_STD = [103.530, 116.280, 123.675], [1.0, 1.0, 1.0]  # caffe2 weights
+    d2.MODEL.BACKBONE.FREEZE_AT = 2
+    assert [d.key for d in fixed_deviations(d2)] == ["MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.BACKBONE.FREEZE_AT"]

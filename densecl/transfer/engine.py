@@ -37,6 +37,7 @@ from densecl.transfer import custom
 from densecl.transfer.configs import StageConfig
 from densecl.transfer.data import register_datasets
 from densecl.transfer.layouts import check_dataset, is_custom
+from densecl.transfer.protocol import fixed_deviations
 from densecl.transfer.weights import load_pretrained, prepare_weights
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ def _worker(trainer_cls: type[TransferTrainer], cfg: StageConfig, pkl: str | Non
                       os.path.join(output_dir, CUSTOM_DATA))
     d2cfg = trainer_cls.build_d2_config(cfg, output_dir)
     d2cfg.freeze()
+    _check_fixed_protocol(cfg, d2cfg)
     seed_all_rng(cfg.seed + comm.get_rank())
     log_state = _attach_file_log(output_dir) if comm.is_main_process() else None
     try:
@@ -312,6 +314,17 @@ def _worker(trainer_cls: type[TransferTrainer], cfg: StageConfig, pkl: str | Non
                 logging.getLogger(name).removeHandler(handler)
                 logging.getLogger(name).setLevel(level)
             handler.close()
+
+
+def _check_fixed_protocol(cfg: StageConfig, d2cfg: CfgNode) -> None:
+    """The built detectron2 config against what the published protocols fix (densecl.transfer.protocol):
+    each difference logged, an error under strict_protocol; before the model is built."""
+    deviations = fixed_deviations(d2cfg) if cfg.own_protocol() is None else []
+    for deviation in deviations:
+        logger.warning("the detectron2 config deviates from the published protocol: %s", deviation)
+    if deviations and cfg.strict_protocol:
+        raise ConfigValueError("strict_protocol", True, "the detectron2 config deviates from the published "
+                               "protocol: " + "; ".join(map(str, deviations)))
 
 
 _LOGGERS = ("detectron2", "densecl", "fvcore")

@@ -61,6 +61,33 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+# What the published detectron2 configs fix and no stage setting changes (torchvision-style weights: RGB
+# input, torchvision's pixel statistics, stride on the 3x3 conv; the plain 7x7 stem; nothing frozen), as
+# detectron2 config keys: checked on each stage's built config, a guard against the code drifting.
+FIXED = {
+    "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530],
+    "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
+    "INPUT.FORMAT": "RGB",
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+    "MODEL.BACKBONE.FREEZE_AT": 0,
+}
+
+
+def fixed_deviations(d2_config: Any) -> list[Deviation]:
+    """Each FIXED key where a detectron2 config (a CfgNode) differs."""
+    found = []
+    for key, expected in FIXED.items():
+        value = d2_config
+        for part in key.split("."):
+            value = value[part]
+        same = (len(value) == len(expected) and all(abs(a - b) < 1e-3 for a, b in zip(value, expected))
+                if isinstance(expected, list) else value == expected)
+        if not same:
+            found.append(Deviation(key, value, expected))
+    return found
+
+
 def status(deviations: list[Deviation], own_protocol: str | None) -> str:
     """The mlflow tag's value: the preset's name when it is its own protocol, else paper or deviates."""
     if own_protocol is not None:

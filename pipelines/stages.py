@@ -36,6 +36,7 @@ from densecl.probe import run_linear_probe
 from densecl.resume import Reuse, is_result_neutral, reuse
 from densecl.transfer import protocol
 from densecl.transfer.convert import convert_to_detectron2, read_converted
+from densecl.transfer.custom import DATASET_FILE, PREPARED_FOLDER
 from densecl.visualize import correspondence_figure
 from pipelines import schema
 from pipelines.console import detailed_logs_to_file_only, headline
@@ -276,10 +277,7 @@ def _record_protocol(job: Job, stage: str) -> None:
 def _track_custom_dataset(job: Job, stage: str) -> None:
     """A stage on the user's own set names it and its classes in mlflow (a tag the report shows) and keeps
     its dataset.json (classes, image and object counts) as an artifact."""
-    from densecl.transfer.custom import DATASET_FILE
-    from densecl.transfer.engine import CUSTOM_DATA
-
-    path = job.stage_dir(stage) / CUSTOM_DATA / DATASET_FILE
+    path = job.stage_dir(stage) / PREPARED_FOLDER / DATASET_FILE
     if job.cfg.stage_config(stage).custom is None or not path.is_file():
         return
     info = json.loads(path.read_text())

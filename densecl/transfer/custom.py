@@ -30,6 +30,7 @@ DETECTION_FORMATS = ("voc", "coco")
 SEGMENTATION_FORMATS = ("masks",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 TRAIN_RECORDS, VAL_RECORDS, DATASET_FILE = "train.json", "val.json", "dataset.json"
+PREPARED_FOLDER = "data"  # in the stage's folder: the checked set as the stage registers it
 
 
 class CustomDataError(ValueError):

@@ -49,7 +49,6 @@ DEPTH = {arch: int(arch.removeprefix("resnet")) for arch in ARCHS}  # MODEL.RESN
 STAGE_CONFIG = "stage_config.json"
 METRICS = "metrics.json"
 FINAL_MODEL = "model_final.pth"
-CUSTOM_DATA = "data"  # the user's checked set as the stage registers it (densecl.transfer.custom.prepare)
 
 
 def stage_device(cfg: StageConfig) -> str:
@@ -265,7 +264,7 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
         if not is_custom(name):
             check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
     if cfg.custom is not None:  # read and checked whole, then written where the stage registers it from
-        summary = custom.prepare(cfg.custom, output_dir / CUSTOM_DATA)
+        summary = custom.prepare(cfg.custom, output_dir / custom.PREPARED_FOLDER)
         data_logger.info(
             "data set %s: %d train and %d val images, %d classes: %s", summary["name"], summary["num_train"],
             summary["num_val"], len(summary["classes"]), ", ".join(summary["classes"]),
@@ -284,7 +283,7 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
 
 def _worker(trainer_cls: type[TransferTrainer], cfg: StageConfig, pkl: str | None, output_dir: str) -> None:
     register_datasets(cfg.dataset_names(), cfg.data_root or None, cfg.synthetic_root or None,
-                      os.path.join(output_dir, CUSTOM_DATA))
+                      os.path.join(output_dir, custom.PREPARED_FOLDER))
     d2cfg = trainer_cls.build_d2_config(cfg, output_dir)
     d2cfg.freeze()
     _check_fixed_protocol(cfg, d2cfg)

@@ -201,18 +201,23 @@ def compose_cfg(*overrides):
 
 
 class Recorder(RunLogger):
-    """A RunLogger that remembers the curve steps it was given instead of logging them."""
+    """A RunLogger that remembers the curve steps it was given instead of logging them: those of the loss and
+    those of the feature-quality signals."""
 
     def __init__(self):
         super().__init__()
         self.steps: list[int] = []
+        self.quality_steps: list[int] = []
 
     def curve(self, prefix):
         recorder = self
 
         class Curve:
             def __call__(self, step, metrics):
-                recorder.steps.append(step)
+                if "loss" in metrics:
+                    recorder.steps.append(step)
+                if "knn_acc" in metrics:
+                    recorder.quality_steps.append(step)
 
             def flush(self):
                 pass
@@ -232,6 +237,7 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path):
     results = run_stages(cfg, tmp_path, recorder)
     assert results["pretrain"]["iterations"] == cfg.pretrain.iters
     assert recorder.steps == list(range(2, cfg.pretrain.iters + 1))  # continued after step 1
+    assert recorder.quality_steps == [2, 4]  # every pretrain.eval_every=2, not again at 0
     assert (tmp_path / "pretrain" / DONE).is_file()
 
 

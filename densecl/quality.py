@@ -118,8 +118,7 @@ class FeatureQuality(Hook):
             self._score(trainer, trainer.step)
 
     def _score(self, trainer: Trainer, step: int) -> None:
-        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-        metrics = evaluate_features(model.encoder_q.backbone, self.data, trainer.device, self.seed)
+        metrics = evaluate_features(trainer.model.encoder_q.backbone, self.data, trainer.device, self.seed)
         if step == trainer.total_steps:
             trainer.metrics = {**trainer.metrics, **metrics}
         if self.on_step is not None:

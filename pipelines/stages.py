@@ -35,6 +35,7 @@ from densecl.files import write_atomic, write_json
 from densecl.probe import run_linear_probe
 from densecl.resume import Reuse, is_result_neutral, reuse
 from densecl.transfer import protocol
+from densecl.transfer.configs import StageConfig
 from densecl.transfer.convert import convert_to_detectron2, read_converted
 from densecl.transfer.custom import DATASET_FILE, PREPARED_FOLDER
 from densecl.visualize import correspondence_figure
@@ -248,24 +249,24 @@ def run_transfer(job: Job, stage: str) -> dict[str, float]:
     """A detectron2 stage. detectron2 is imported here, when a job first needs it: the pipeline's one lazy
     import, so that composing, checking and launching never load it."""
     weights = None if (path := transfer_weights(job)) is None else str(path)
-    _record_protocol(job, stage)
+    stage_cfg = job.cfg.stage_config(stage)
+    _record_protocol(job, stage, stage_cfg)
     with detailed_logs_to_file_only(not job.cfg.verbose):  # detectron2's import warns too
         from densecl.transfer.detection import run_coco_detection, run_voc_detection
         from densecl.transfer.segmentation import run_semantic_segmentation
 
         runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
-        metrics = runner(job.cfg.stage_config(stage), weights, str(job.stage_dir(stage)))
-    _track_custom_dataset(job, stage)
+        metrics = runner(stage_cfg, weights, str(job.stage_dir(stage)))
+    _track_custom_dataset(job, stage, stage_cfg)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 MLFLOW_PARAM_LENGTH = 6000
 
 
-def _record_protocol(job: Job, stage: str) -> None:
+def _record_protocol(job: Job, stage: str, stage_cfg: StageConfig) -> None:
     """The stage's deviations from its published protocol, each listed once at its start with its known
     effect, and recorded: a tag (paper, deviates, or synthetic/custom: their own protocols) and a param."""
-    stage_cfg = job.cfg.stage_config(stage)
     deviations = stage_cfg.deviations()
     for deviation in deviations:
         log.warning("stage %s deviates from its published protocol: %s", stage, deviation)
@@ -274,11 +275,11 @@ def _record_protocol(job: Job, stage: str) -> None:
         job.tracking.params({f"{PROTOCOL_PARAM}{stage}": protocol.summary(deviations)[:MLFLOW_PARAM_LENGTH]})
 
 
-def _track_custom_dataset(job: Job, stage: str) -> None:
+def _track_custom_dataset(job: Job, stage: str, stage_cfg: StageConfig) -> None:
     """A stage on the user's own set names it and its classes in mlflow (a tag the report shows) and keeps
     its dataset.json (classes, image and object counts) as an artifact."""
     path = job.stage_dir(stage) / PREPARED_FOLDER / DATASET_FILE
-    if job.cfg.stage_config(stage).custom is None or not path.is_file():
+    if stage_cfg.custom is None or not path.is_file():
         return
     info = json.loads(path.read_text())
     job.tracking.tags({f"{DATASET_TAG}{stage}": dataset_title(info)})

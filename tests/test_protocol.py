@@ -124,7 +124,7 @@ def test_a_stage_lists_its_deviations_at_its_start_and_records_them(tmp_path, ca
     cfg = schema.settings(schema.compose(["model=random_init", *overrides], return_hydra_config=False))
     tracking = RecordingRunLogger()
     with caplog.at_level("WARNING", logger="pipelines.stages"):
-        _record_protocol(Job(cfg, tmp_path, tracking), "det_voc")
+        _record_protocol(Job(cfg, tmp_path, tracking), "det_voc", cfg.stage_config("det_voc"))
     assert tracking.tags_logged == {"densecl.protocol.det_voc": "deviates"}
     assert tracking.params_logged == {"protocol_deviations.det_voc": "arch=resnet18 (resnet50); norm=BN (SyncBN)"}
     warnings = [r.getMessage() for r in caplog.records]
@@ -135,7 +135,7 @@ def test_a_stage_lists_its_deviations_at_its_start_and_records_them(tmp_path, ca
 
     tracking = RecordingRunLogger()
     default = schema.settings(schema.compose(["model=random_init"], return_hydra_config=False))
-    _record_protocol(Job(default, tmp_path, tracking), "seg_voc")
+    _record_protocol(Job(default, tmp_path, tracking), "seg_voc", default.stage_config("seg_voc"))
     assert tracking.tags_logged == {"densecl.protocol.seg_voc": "synthetic"} and tracking.params_logged == {}
 
 

@@ -7,6 +7,8 @@ builds and checks these in the launching process, before any job starts. Each cl
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from densecl.config import ARCHS, ConfigValueError, check, check_positive, from_dict
+from densecl.config import ARCHS, ConfigValueError, check, check_positive, from_dict, plain
 from densecl.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
 from densecl.transfer.custom import (
     DETECTION_FORMATS,
@@ -209,14 +211,14 @@ class StageConfig:
         else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
         if self.custom is not None:
             try:
-                read_dataset(self.custom)
+                _check_custom(json.dumps(plain(self.custom), sort_keys=True))
             except CustomDataError as err:
                 raise ConfigValueError("custom.root", self.custom.root, str(err)) from None
         for name in self.dataset_names():
             if name.startswith("synthetic_") or is_custom(name):
                 continue
             try:
-                check_dataset(name, self.data_root or None, self.synthetic_root or None)
+                _check_layout(name, self.data_root or None, self.synthetic_root or None)
             except FileNotFoundError as err:
                 raise ConfigValueError("data_root", self.data_root, f"data set {name}: {err}") from None
 
@@ -274,6 +276,18 @@ class StageConfig:
         stage_cfg = dataclasses.replace(base, **values)
         stage_cfg.validate()
         return stage_cfg
+
+
+# The launcher checks every job of a sweep, and the jobs mostly share their data sets: each set is read once
+# per process (a failed check is not remembered, so a fixed folder is read again).
+@functools.lru_cache(maxsize=64)
+def _check_layout(name: str, data_root: str | None, synthetic_root: str | None) -> None:
+    check_dataset(name, data_root, synthetic_root)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_custom(dataset_json: str) -> None:
+    read_dataset(from_dict(CustomDataset, json.loads(dataset_json)))
 
 
 def _fits(value: Any, hint: Any) -> bool:

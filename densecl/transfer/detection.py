@@ -79,9 +79,11 @@ def _detection_d2_config(cfg: DetectionConfig, output_dir: str, zoo_config: str)
 
 
 # ----------------------------------------------------------------------------------------- trainers
-def _custom_evaluator(cfg, dataset_name: str, output_folder: str | None):
-    """The user's own sets (densecl.transfer.custom) are COCO JSONs: COCO's evaluator, per class too."""
-    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+def _coco_evaluator(dataset_name: str, output_folder: str | None, masks: bool):
+    """COCO's evaluator, per class too, on boxes (and masks): COCO and the user's own sets
+    (densecl.transfer.custom writes them as COCO JSONs). use_fast_impl=False: the fast COCOeval is C++ in
+    detectron2._C; pycocotools gives the same numbers."""
+    tasks = ("bbox", "segm") if masks else ("bbox",)
     return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder, use_fast_impl=False)
 
 
@@ -117,7 +119,7 @@ class VOCDetectionTrainer(TransferTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if is_custom(dataset_name):
-            return _custom_evaluator(cfg, dataset_name, output_folder)
+            return _coco_evaluator(dataset_name, output_folder, masks=False)  # the C4 model has no mask head
         return PascalVOCDetectionEvaluator(dataset_name)
 
     @classmethod
@@ -150,12 +152,9 @@ class COCODetectionTrainer(TransferTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if is_custom(dataset_name):
-            return _custom_evaluator(cfg, dataset_name, output_folder)
-        # use_fast_impl=False: the fast COCOeval is C++ in detectron2._C; pycocotools gives the same numbers.
-        return COCOEvaluator(
-            dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder, use_fast_impl=False
-        )
+        # masks unless the set has none (a custom set of boxes; build_d2_config then turns the mask head off)
+        masks = MetadataCatalog.get(dataset_name).get("has_masks", True)
+        return _coco_evaluator(dataset_name, output_folder, masks)
 
     @classmethod
     def summarize(cls, results: dict) -> dict[str, float]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from densecl.synthetic import CLASS_NAMES
+from densecl.transfer.custom import DATASET_FILE, TRAIN_RECORDS, VAL_RECORDS
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -214,8 +215,8 @@ def _custom_dataset(folder, split: str, kind: str) -> dict:
     if not folder:
         raise DatasetLayoutError(f"a custom data set needs the folder it was prepared in; it is {_LAYOUT['custom']}")
     folder = Path(folder)
-    info = json.loads(_need(folder / "dataset.json", "custom").read_text())
-    records = _need(folder / f"{split}.json", "custom")
+    info = json.loads(_need(folder / DATASET_FILE, "custom").read_text())
+    records = _need(folder / {"train": TRAIN_RECORDS, "val": VAL_RECORDS}[split], "custom")
     if kind == "coco":
         metadata = {"thing_classes": info["classes"], "has_masks": info["has_masks"],
                     "mask_format": info["mask_format"]}

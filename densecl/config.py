@@ -39,6 +39,13 @@ class DataKind(StrEnum):
     image_folder = "image_folder"  # any folder of images, searched recursively, labels unused
 
 
+class AugmentOn(StrEnum):
+    """Where the two-view augmentation runs (both give the same distributions: tests/test_gpu_augment.py)."""
+
+    cpu = "cpu"  # PIL, one image at a time, in the data-loader workers (the official code's path)
+    gpu = "gpu"  # batched on the training device (kornia); the workers only read files: JPEGs decode there too
+
+
 class Amp(StrEnum):
     none = "none"
     bf16 = "bf16"  # on any device (oneDNN runs it about 2x faster than fp32 on a recent CPU)
@@ -141,9 +148,15 @@ class DataConfig:
     num_images: int = 2048  # synthetic: number of scenes
     image_size: int = 160  # synthetic: scene side in pixels
     seed: int = 0  # synthetic: fixed across training seeds, so that those measure training noise alone
+    augment_on: AugmentOn = AugmentOn.cpu
+    # synthetic: generate the scenes once into one uint8 array in this folder, shared by every run and job that
+    # asks for the same scenes (the same pixels as generating them on the fly); None = generate on the fly
+    cache_dir: str | None = None
 
     def validate(self, check_paths: bool = False) -> None:
         check(self.kind in tuple(DataKind), "kind", self.kind, f"allowed: {', '.join(DataKind)}")
+        check(self.augment_on in tuple(AugmentOn), "augment_on", self.augment_on,
+              f"allowed: {', '.join(AugmentOn)}")
         if self.kind == DataKind.image_folder:
             check(bool(self.root), "root", None, "data kind image_folder needs data.root=/path/to/images")
             if check_paths:
@@ -167,6 +180,15 @@ class FigureConfig:
         check_positive(self, "num_images", "crop_size")
 
 
+EVAL_VOC_FILES = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/train.txt",
+                  "ImageSets/Segmentation/val.txt")  # what a VOC2012 folder needs to serve as the signals' set
+
+
+def missing_voc_files(root: str | Path) -> list[str]:
+    """The parts of a VOC2012 segmentation folder that `root` lacks (none: it can be the signals' set)."""
+    return [name for name in EVAL_VOC_FILES if not (Path(root) / name).exists()]
+
+
 @dataclass
 class TrainingConfig:
     """The `pretrain` section: schedule, optimiser and runtime. The method's hyper-parameters are `model`'s."""
@@ -184,6 +206,7 @@ class TrainingConfig:
     epochs: int | None = 200
     lr_schedule: LrSchedule = LrSchedule.iteration  # cosine to 0, stepped per iteration or per epoch
     amp: Amp = Amp.none
+    compile: bool = False  # torch.compile the step's encoders (the first steps are slower while it compiles)
     channels_last: bool = True  # on GPU, and on CPU under bf16 (no gain for fp32 on CPU)
     sync_bn: bool = False  # GPU only
     shuffle_bn: bool = True
@@ -191,11 +214,14 @@ class TrainingConfig:
     corr_eval_crop: int | None = None  # correspondence accuracy on fixed view pairs at this crop (e.g. 160)
     corr_eval_pairs: int = 64
     corr_eval_every: int = 100  # iterations; a multiple of log_every (also at 0 and at the end)
-    # feature-quality signals (densecl.quality: dense probe and k-NN on built-in labelled scenes), also at 0
-    # and at the end: every N iterations, None = 4 times over the schedule (densecl.quality.QUALITY_EVALS), 0 = off
+    # feature-quality signals (densecl.quality: dense probe and k-NN on a small labelled set), also at 0 and at
+    # the end: every N iterations, None = 4 times over the schedule (densecl.quality.QUALITY_EVALS), 0 = off
     eval_every: int | None = None
-    eval_num_train: int = 64  # labelled scenes the probe and k-NN fit on
-    eval_num_val: int = 32  # and score on
+    # the labelled set: "scenes" (built in) or a VOC2012 folder (JPEGImages, SegmentationClass,
+    # ImageSets/Segmentation/{train,val}.txt); the pipeline's "auto" takes {paths.data_dir}/VOC2012 when it is there
+    eval_data: str = "scenes"
+    eval_num_train: int = 64  # labelled images the probe and k-NN fit on (the first of VOC's train.txt)
+    eval_num_val: int = 32  # and score on (the first of VOC's val.txt)
     eval_size: int = 96  # their side in pixels, as the backbone sees them
     deterministic: bool = False
     ckpt_every: int = 1000
@@ -203,7 +229,7 @@ class TrainingConfig:
     progress: bool = True  # a tqdm bar
     figure: FigureConfig = field(default_factory=FigureConfig)
 
-    def validate(self, world_size: int = 1) -> None:
+    def validate(self, world_size: int = 1, check_paths: bool = False) -> None:
         check((self.iters is None) != (self.epochs is None), "iters", self.iters,
               f"set exactly one of pretrain.iters / pretrain.epochs ({self.epochs})")
         check_positive(self, "iters", "epochs", "crop_size", "batch_size", "queue_len", "ckpt_every", "log_every",
@@ -223,6 +249,12 @@ class TrainingConfig:
               "with pretrain.sync_bn=true: choose split BN or SyncBN, not both")
         check(self.eval_every is None or self.eval_every >= 0, "eval_every", self.eval_every,
               "allowed: null (a few times over the schedule), 0 (off) or an integer >= 1")
+        check(self.eval_data != "auto" and bool(self.eval_data), "eval_data", self.eval_data,
+              "allowed: scenes, or a VOC2012 folder (auto is the pipeline's: it resolves to one of them)")
+        if check_paths and self.eval_every != 0 and self.eval_data != "scenes":
+            missing = missing_voc_files(self.eval_data)
+            check(not missing, "eval_data", self.eval_data,
+                  f"a VOC2012 folder must hold {', '.join(EVAL_VOC_FILES)}; missing: {', '.join(missing)}")
         check_positive(self, "eval_num_train", "eval_num_val")
         check(self.eval_size >= 32, "eval_size", self.eval_size, "allowed: an integer >= 32")
         if self.corr_eval_crop is not None:
@@ -250,7 +282,8 @@ class PretrainConfig:
     def validate(self, world_size: int = 1, check_paths: bool = False) -> None:
         """Raise ConfigValueError naming the first bad setting."""
         validate_sections(
-            self, self.SECTIONS, data={"check_paths": check_paths}, pretrain={"world_size": world_size}
+            self, self.SECTIONS, data={"check_paths": check_paths},
+            pretrain={"world_size": world_size, "check_paths": check_paths},
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,17 +7,21 @@ broken file into a warning and a counted skip instead of a crashed run.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+import torch
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from densecl.config import DataKind
+from densecl.scene_cache import cached_scenes
 from densecl.synthetic import generate_scene
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -61,22 +65,57 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's multi-picture JPEG; decoders read its first (main) picture
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
+
+
+@dataclass
+class EncodedJpeg:
+    """A JPEG file's bytes, to be decoded on the training device, and its size as displayed (read from the header),
+    from which the crops are drawn before any pixel is decoded."""
+
+    data: torch.Tensor  # uint8 (N,): the file as it is on disk
+    height: int  # after the EXIF orientation, as load_rgb_image returns the image
+    width: int
+    orientation: int = 1  # the EXIF orientation, applied after decoding (nvjpeg does not)
+    path: str = ""  # for the warning when it cannot be decoded
+
+
+def read_encoded(path: str | os.PathLike) -> EncodedJpeg | Image.Image:
+    """A JPEG as its bytes and header (decoded later, on the training device); any other format decoded here
+    by load_rgb_image, as the CPU path does (only JPEG has a device decoder). Raises if the header is broken."""
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        if image.format not in JPEG_FORMATS:
+            return load_rgb_image(path)
+        width, height = image.size
+        try:
+            orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+        except Exception:  # as load_rgb_image: a malformed EXIF block keeps the stored orientation
+            orientation = 1
+    if orientation in SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    return EncodedJpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), height, width, orientation, str(path))
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
 class UnlabeledImageFolder(Dataset):
-    """Every image file under ``root`` (recursive, sorted), returned as ``transform(rgb_image)``.
+    """Every image file under ``root`` (recursive, sorted), returned as ``transform(read(path))``: by default
+    ``read`` decodes to RGB (load_rgb_image); augment_on=gpu sets it to read_encoded.
 
-    Files whose header cannot be read are skipped at scan time; files that only fail when decoded are
-    skipped in ``__getitem__``, which then returns the next readable image. Each skip warns, naming the
-    file, and is recorded in ``skipped`` as (path, reason) for the files this process saw.
+    Files whose header cannot be read are skipped at scan time; files that fail when read are skipped in
+    ``__getitem__``, which then returns the next readable image. Each skip warns, naming the file, and is
+    recorded in ``skipped`` as (path, reason) for the files this process saw.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None,
-                 check_headers: bool = True):
+                 check_headers: bool = True, read: Callable[[Path], Any] = load_rgb_image):
         self.root = Path(root).expanduser()
         self.transform = transform
+        self.read = read
         self.skipped: list[tuple[str, str]] = []
         self._broken: set[int] = set()
         if not self.root.is_dir():
@@ -117,7 +156,7 @@ class UnlabeledImageFolder(Dataset):
                 continue
             path = self.path(candidate)
             try:
-                image = load_rgb_image(path)
+                image = self.read(path)
             except Exception as error:
                 self._broken.add(candidate)
                 self._skip(str(path), _describe(error), "while decoding; using the next readable image instead")
@@ -147,24 +186,40 @@ class UnlabeledImageFolder(Dataset):
 
 
 class SyntheticScenes(Dataset):
-    """``num_images`` generated scenes (see densecl.synthetic), made on the fly: no disk I/O."""
+    """``num_images`` generated scenes (see densecl.synthetic), made on the fly, or read from a uint8 cache made
+    once in ``cache_dir`` (densecl.scene_cache): the same pixels either way."""
 
     def __init__(self, num_images: int, image_size: int = 160, seed: int = 0,
-                 transform: Callable[[Image.Image], Any] | None = None):
+                 transform: Callable[[Image.Image], Any] | None = None, cache_dir: str | os.PathLike | None = None):
         if num_images < 1:
             raise ValueError(f"SyntheticScenes: num_images must be >= 1, got {num_images}")
         self.num_images = int(num_images)
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.transform = transform
+        self.cache_dir = cache_dir
+        self._cached = None if cache_dir is None else cached_scenes(cache_dir, self.seed, self.num_images,
+                                                                    self.image_size)
 
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, index: int):
+    def pixels(self, index: int) -> np.ndarray:
+        """Scene ``index`` as uint8 (H, W, 3)."""
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} synthetic scenes")
-        image = generate_scene(self.seed, index % self.num_images, self.image_size).image
+        index %= self.num_images
+        if self._cached is not None:
+            return np.array(self._cached[index])
+        return np.asarray(generate_scene(self.seed, index, self.image_size).image)
+
+    def __getitem__(self, index: int):
+        if self._cached is None:
+            if not -self.num_images <= index < self.num_images:
+                raise IndexError(f"index {index} out of range for {self.num_images} synthetic scenes")
+            image = generate_scene(self.seed, index % self.num_images, self.image_size).image
+        else:
+            image = Image.fromarray(self.pixels(index))
         return image if self.transform is None else self.transform(image)
 
     def __repr__(self) -> str:
@@ -174,10 +229,12 @@ class SyntheticScenes(Dataset):
 
 def build_pretrain_dataset(kind: str, transform: Callable[[Image.Image], Any] | None = None,
                            root: str | None = None, num_images: int = 2048, image_size: int = 160,
-                           seed: int = 0) -> Dataset:
-    """The pre-training image source named by ``kind``: "synthetic" scenes or an "image_folder" at ``root``."""
+                           seed: int = 0, cache_dir: str | None = None) -> Dataset:
+    """The pre-training image source named by ``kind``: "synthetic" scenes (kept in ``cache_dir`` when given)
+    or an "image_folder" at ``root``."""
     if kind == DataKind.synthetic:
-        return SyntheticScenes(num_images=num_images, image_size=image_size, seed=seed, transform=transform)
+        return SyntheticScenes(num_images=num_images, image_size=image_size, seed=seed, transform=transform,
+                               cache_dir=cache_dir)
     if kind == DataKind.image_folder:
         if not root:
             raise ValueError("build_pretrain_dataset: kind 'image_folder' needs the key `root` (the folder of "

@@ -25,11 +25,12 @@ from densecl.correspondence_eval import fixed_view_pairs
 from densecl.distributed import DistEnv, init_distributed, resolve_device
 from densecl.export import backbone_state_dict, save_backbone
 from densecl.files import write_json
+from densecl.gpu_augment import collate_raw
 from densecl.model import DenseCL
 from densecl.optim import build_optimizer, build_scheduler
 from densecl.quality import QUALITY_EVALS, FeatureQuality, QualitySet
 from densecl.resume import Reuse, reuse
-from densecl.sampling import ResumableSampler, build_dataset, with_view_size
+from densecl.sampling import ResumableSampler, batch_augmentation, build_dataset, with_view_size
 from densecl.trainer import (
     LogMetrics,
     NonFiniteLossError,
@@ -111,7 +112,18 @@ def build_model(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> Dens
     model.to(device)
     if uses_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
+    if cfg.pretrain.compile:
+        compile_encoders(model)
     return model
+
+
+def compile_encoders(model: DenseCL) -> None:
+    """torch.compile each encoder in place (nn.Module.compile): the parameters and state-dict keys stay the
+    module's own (no `_orig_mod.` in checkpoints or the export), the optimiser, the momentum update and a
+    resume write into the same tensors, and the DDP wrapper put around encoder_q later calls the compiled
+    forward. Only the encoders: shuffle-BN's permutation, matching and the loss stay eager."""
+    model.encoder_q.compile()
+    model.encoder_k.compile()
 
 
 def schedule_length(cfg: PretrainConfig, num_images: int, world_size: int) -> tuple[int, int]:
@@ -139,7 +151,8 @@ def _pretrain(cfg, out_dir: Path, device, env: DistEnv, on_step, should_stop) ->
                                      * env.world_size)
     scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-    trainer = Trainer(model, optimizer, scheduler, scaler, cfg, device, env, total_steps, ckpt_path)
+    augment = batch_augmentation(cfg, env.rank)  # augment_on=gpu: the loader yields raw batches
+    trainer = Trainer(model, optimizer, scheduler, scaler, cfg, device, env, total_steps, ckpt_path, augment)
 
     state = load_checkpoint(ckpt_path, device) if ckpt_path.exists() else None
     saved = saved_config(state).to_dict() if state is not None else None
@@ -162,8 +175,12 @@ def _pretrain(cfg, out_dir: Path, device, env: DistEnv, on_step, should_stop) ->
     train = cfg.pretrain
     sampler = ResumableSampler(len(dataset), train.batch_size, env.rank, env.world_size, cfg.seed, trainer.step,
                                total_steps)
+    # The loader's own generator: its iterator draws the workers' base seed, which would otherwise come from the
+    # global RNG right after a resume restored it, shifting the stream that split BN and random matching use.
+    # (The base seed itself matters nowhere: every sample is seeded from (seed, epoch, index).)
     loader = DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, num_workers=train.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        collate_fn=None if augment is None else collate_raw, generator=torch.Generator())
     try:
         completed = trainer.train(loader, training_hooks(cfg, trainer, dataset, on_step, should_stop))
     except NonFiniteLossError as err:
@@ -182,7 +199,10 @@ def training_hooks(cfg: PretrainConfig, trainer: Trainer, dataset, on_step, shou
     hooks = [LogMetrics(train.log_every, on_step, eval_pairs, train.corr_eval_every)]
     if train.eval_every != 0 and main:
         every = train.eval_every or max(1, trainer.total_steps // QUALITY_EVALS)
-        data = QualitySet.scenes(train.eval_num_train, train.eval_num_val, train.eval_size)
+        if train.eval_data == "scenes":
+            data = QualitySet.scenes(train.eval_num_train, train.eval_num_val, train.eval_size)
+        else:
+            data = QualitySet.voc(train.eval_data, train.eval_num_train, train.eval_num_val, train.eval_size)
         hooks.append(FeatureQuality(data, every, on_step))
     if train.progress and main and trainer.step < trainer.total_steps:
         hooks.append(ProgressBar())

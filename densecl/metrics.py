@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+IGNORE_INDEX = 255  # unlabelled pixels (VOC's object outlines): in no score and no loss
 
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """conf[t, p] = number of pixels of true class t predicted as p; `ignore_index` pixels are left out."""
     pred = np.asarray(pred).reshape(-1).astype(np.int64)
     target = np.asarray(target).reshape(-1).astype(np.int64)

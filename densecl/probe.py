@@ -23,7 +23,7 @@ from densecl.config import ARCHS, check, check_positive, plain
 from densecl.distributed import resolve_device
 from densecl.export import load_backbone_weights
 from densecl.files import write_json
-from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
+from densecl.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores, trivial_miou
 from densecl.resume import Reuse, reuse_recorded
 from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -127,7 +127,7 @@ def train_classifier(feats, labels, num_classes, cfg: LinearProbeConfig, device)
             idx = order[start : start + cfg.batch_size]
             logits = classifier(feats[idx].to(device))
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, labels[idx].to(device), weight=weights)
+            loss = F.cross_entropy(logits, labels[idx].to(device), weight=weights, ignore_index=IGNORE_INDEX)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -23,6 +23,8 @@ RESULT_NEUTRAL = frozenset({
     "num_workers", "progress",  # how fast, and what the console shows
     "log_every", "log_period", "ckpt_every", "checkpoint_period", "eval_period",  # when things are written
     "figure",  # the correspondence figure, a by-product
+    "cache_dir",  # where generated scenes are kept: the same pixels as generating them again
+    "compile",  # torch.compile: the same computation, fused (rounding aside, as on another device)
 })  # fmt: skip
 
 

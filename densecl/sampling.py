@@ -2,7 +2,8 @@
 
 Resume is exact because nothing here depends on history: each sample's augmentation is seeded from
 (seed, epoch, index) and each epoch's order from (seed, epoch), so a run restarted at any step sees what an
-uninterrupted run would have seen.
+uninterrupted run would have seen. With data.augment_on=gpu the per-sample seed draws the crops and flips, and
+the device-side draws of a step's batch are seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from densecl.config import PretrainConfig
-from densecl.datasets import build_pretrain_dataset
+from densecl.config import AugmentOn, PretrainConfig
+from densecl.datasets import UnlabeledImageFolder, build_pretrain_dataset, load_rgb_image, read_encoded
+from densecl.gpu_augment import DeviceTwoViewAugmentation, RawBatch, TwoViewParams
 from densecl.transforms import TwoViewAugmentation
 
-SAMPLE_STREAM, ORDER_STREAM = 0, 1
+SAMPLE_STREAM, ORDER_STREAM, BATCH_STREAM = 0, 1, 2
 
 
 def derive_seed(*parts: int) -> int:
@@ -79,22 +81,50 @@ class ResumableSampler(Sampler):
                 yield epoch, index
 
 
+class SeededBatchAugmentation:
+    """augment_on=gpu, on the training device: a step's batch augmented with its random draws seeded from
+    (seed, step, rank) alone, in a forked RNG, so that the training's own streams never see them."""
+
+    def __init__(self, augment: DeviceTwoViewAugmentation, seed: int, rank: int = 0):
+        self.augment, self.seed, self.rank = augment, seed, rank
+
+    def __call__(self, batch: RawBatch, device: torch.device, step: int):
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(BATCH_STREAM, self.seed, step, self.rank))
+            return self.augment(batch, device)
+
+
+def batch_augmentation(cfg: PretrainConfig, rank: int) -> SeededBatchAugmentation | None:
+    """What the trainer applies to each loader batch: nothing for augment_on=cpu (the loader yields views)."""
+    if cfg.data.augment_on != AugmentOn.gpu:
+        return None
+    return SeededBatchAugmentation(DeviceTwoViewAugmentation(cfg.pretrain.crop_size), cfg.seed, rank)
+
+
 def build_dataset(cfg: PretrainConfig) -> SeededViews:
-    """The configured images, each turned into two seeded views of `pretrain.crop_size`."""
+    """The configured images, each turned into two seeded views of `pretrain.crop_size`; with augment_on=gpu,
+    into the image as read and its two views' boxes and flips (TwoViewParams, batched by gpu_augment.collate_raw)."""
     data = cfg.data
+    on_gpu = data.augment_on == AugmentOn.gpu
     base = build_pretrain_dataset(
         data.kind,
-        transform=TwoViewAugmentation(cfg.pretrain.crop_size),
+        transform=(TwoViewParams if on_gpu else TwoViewAugmentation)(cfg.pretrain.crop_size),
         root=data.root,
         num_images=data.num_images,
         image_size=data.image_size,
         seed=data.seed,
+        cache_dir=data.cache_dir,
     )
+    if on_gpu and isinstance(base, UnlabeledImageFolder):
+        base.read = read_encoded  # JPEGs stay encoded until the device
     return SeededViews(base, cfg.seed)
 
 
 def with_view_size(dataset: SeededViews, crop_size: int) -> SeededViews:
     """The same images with views of another size, sharing the file list: no second walk of a large folder."""
     base = copy.copy(dataset.base)
-    base.transform = TwoViewAugmentation(crop_size)
+    base.transform = TwoViewAugmentation(crop_size)  # the PIL path, whatever the training's augment_on
+    if isinstance(base, UnlabeledImageFolder):
+        base.read = load_rgb_image
     return SeededViews(base, dataset.seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from densecl.distributed import DistEnv
 from densecl.optim import lambda_at
 
 OnStep = Callable[[int, dict[str, float]], None]
+# a loader batch, the device and the step -> (views, boxes, flips) on the device (sampling.SeededBatchAugmentation)
+BatchAugment = Callable[[Any, torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,8 +58,9 @@ class Trainer:
     """Steps DenseCL over a loader from `step` to `total_steps`; the hooks see it after every step."""
 
     def __init__(self, model, optimizer, scheduler, scaler, cfg: PretrainConfig, device: torch.device,
-                 env: DistEnv, total_steps: int, checkpoint_path: Path):
+                 env: DistEnv, total_steps: int, checkpoint_path: Path, augment: BatchAugment | None = None):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.augment = augment  # None: the loader yields (views, boxes, flips); else raw batches, augmented here
         self.cfg, self.device, self.env = cfg, device, env
         self.total_steps = total_steps
         self.checkpoint_path = checkpoint_path
@@ -74,7 +78,8 @@ class Trainer:
         for hook in self.hooks:
             hook.before_train(self)
         try:
-            for views, boxes, flips in loader:
+            for batch in loader:
+                views, boxes, flips = batch if self.augment is None else self.augment(batch, self.device, self.step)
                 self.run_step(views, boxes, flips)
                 for hook in self.hooks:
                     hook.after_step(self)

@@ -27,7 +27,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from densecl.classify import LinearClassifierConfig
-from densecl.config import ConfigValueError, ModelName, PretrainConfig, check, from_dict, validate_sections
+from densecl.config import (
+    ConfigValueError,
+    ModelName,
+    PretrainConfig,
+    check,
+    from_dict,
+    missing_voc_files,
+    validate_sections,
+)
 from densecl.probe import LinearProbeConfig
 from densecl.resume import is_result_neutral
 from densecl.transfer.configs import STAGE_CONFIGS, StageConfig, SyntheticSet
@@ -123,7 +131,8 @@ class PipelineConfig(PretrainConfig):
             check(stage in STAGES, "stages", list(self.stages), f"each stage must be one of {', '.join(STAGES)}")
         check(len(set(self.stages)) == len(self.stages), "stages", list(self.stages), "a stage may be listed once")
         sections = (*(s for s in self.SECTIONS if s != "data" or self.pretraining), "downstream", "tracking")
-        validate_sections(self, sections, data={"check_paths": check_paths}, pretrain={"world_size": world_size})
+        validate_sections(self, sections, data={"check_paths": check_paths},
+                          pretrain={"world_size": world_size, "check_paths": check_paths and self.pretraining})
         weights = self.pretrain.weights
         if weights is not None:
             check("pretrain" not in self.stages, "stages", list(self.stages),
@@ -171,9 +180,21 @@ def settings(cfg: DictConfig) -> PipelineConfig:
         if key != "hydra"
     }
     obj = from_dict(PipelineConfig, values)
-    if obj.data.root:
-        obj.data.root = str(Path(obj.data.root).absolute())
+    for section, key in (("data", "root"), ("data", "cache_dir")):
+        if getattr(getattr(obj, section), key):
+            setattr(getattr(obj, section), key, str(Path(getattr(getattr(obj, section), key)).absolute()))
+    if obj.pretrain.eval_data == "auto":
+        obj.pretrain.eval_data = auto_eval_data(obj.paths.data_dir)
+    elif obj.pretrain.eval_data != "scenes":
+        obj.pretrain.eval_data = str(Path(obj.pretrain.eval_data).absolute())
     return obj
+
+
+def auto_eval_data(data_dir: str) -> str:
+    """The feature-quality signals' labelled set for `pretrain.eval_data=auto`: VOC segmentation when the data
+    folder holds it (DATA_DIR/VOC2012, the seg_voc stage's), else the built-in scenes."""
+    voc = Path(data_dir).absolute() / "VOC2012"
+    return str(voc) if not missing_voc_files(voc) else "scenes"
 
 
 def validate(cfg: DictConfig, check_paths: bool = True) -> None:

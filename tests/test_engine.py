@@ -71,7 +71,12 @@ def test_sampler_splits_global_batches_between_ranks():
     assert len(ranks[0]) == len(ranks[1]) == 6
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+# the default draws nothing from the global RNG during steps; split BN's key shuffle and random matching do
+@pytest.mark.parametrize("settings", [{}, {"bn_splits": 2, "matching": "random"}], ids=["default", "global-rng"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, settings):
+    def tiny_config(**kw):
+        return globals()["tiny_config"](**settings, **kw)
+
     reference = pretrain(tiny_config(), tmp_path / "straight")
     assert reference.completed and reference.iterations == 6
 

@@ -91,3 +91,115 @@ def test_the_cost_benchmark_times_every_evaluation_of_a_run():
     assert evaluations and int(evaluations.group(1)) == 5, done.stdout  # at 0, 1, 2, 3, 4: 4 // QUALITY_EVALS = 1
     share = re.search(r"signals: [\d.]+ s = ([\d.]+)% of the pre-training", done.stdout)
     assert share and 0 < float(share.group(1)) < 100, done.stdout
+
+
+# ------------------------------------------------------------------------- VOC segmentation as the set
+VOC_COLOURS = {0: (0, 0, 0), 5: (255, 0, 0), 12: (0, 255, 0), 15: (0, 0, 255)}  # class -> pixel colour
+
+
+def write_voc2012(root, num_train: int = 6, num_val: int = 4, size: int = 80, bad_value: int | None = None):
+    """A VOC2012 segmentation folder whose pixels show their class's colour: background, a dominant class (a
+    wide band, cycling over three) and a narrow one, VOC's 255 outlines around the image. Returns the root."""
+    import numpy as np
+    from PIL import Image
+    from test_paper_layouts import _lines, _palette_png
+
+    voc = root / "VOC2012"
+    ids = {"train": [f"2007_{i:06d}" for i in range(num_train)], "val": [f"2008_{i:06d}" for i in range(num_val)]}
+    for n, image_id in enumerate(ids["train"] + ids["val"]):
+        dominant, narrow = (5, 12, 15)[n % 3], (5, 12, 15)[(n + 1) % 3]
+        label = np.zeros((size, size), dtype=np.uint8)
+        label[:, size // 4 : size // 4 + size // 2 + 4 * (n % 2)] = dominant
+        label[:, -size // 8 :] = narrow
+        label[:2], label[-2:] = 255, 255
+        if bad_value is not None and n == 1:
+            label[10:14, 10:14] = bad_value
+        pixels = np.zeros((size, size, 3), dtype=np.uint8)
+        for c, colour in VOC_COLOURS.items():
+            pixels[label == c] = colour
+        (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        _palette_png(voc / "SegmentationClass" / f"{image_id}.png", label)
+    for split, split_ids in ids.items():
+        _lines(voc / "ImageSets" / "Segmentation" / f"{split}.txt", split_ids)
+    return voc
+
+
+class ColourEncoder(torch.nn.Module):
+    """A stand-in backbone whose C4 and C5 are the image itself: on write_voc2012's images, features that hold
+    the answer."""
+
+    def forward_features(self, x):
+        return [x, x, x, x]
+
+
+def test_a_voc_folder_gives_its_first_listed_images_with_their_own_labels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    voc = write_voc2012(tmp_path)
+    data = QualitySet.voc(voc, num_train=4, num_val=3, input_size=64)
+    assert data.num_classes == 21
+    assert data.train_images.shape == (4, 3, 64, 64) and data.val_labels.shape == (3, 32, 32)
+    for labels, split, count in ((data.train_labels, "2007", 4), (data.val_labels, "2008", 3)):
+        for n in range(count):
+            written = Image.open(voc / "SegmentationClass" / f"{split}_{n:06d}.png").resize((32, 32), Image.NEAREST)
+            assert np.array_equal(labels[n].numpy(), np.asarray(written)), (split, n)
+    assert (data.train_labels == 255).any() and set(data.train_labels.unique().tolist()) <= {0, 5, 12, 15, 255}
+
+
+def test_on_voc_features_that_hold_the_answer_score_near_the_top_and_outlines_are_ignored(tmp_path):
+    from densecl.metrics import confusion_matrix, trivial_miou
+
+    data = QualitySet.voc(write_voc2012(tmp_path, num_train=12, num_val=6), 12, 6, input_size=64)
+    scores = evaluate_features(ColourEncoder(), data, torch.device("cpu"))
+    # the floor from the val labels themselves (255 left out): the most frequent class everywhere
+    truth = data.val_labels.numpy()
+    floor = trivial_miou(confusion_matrix(truth * 0, truth, 21))
+    assert scores["probe_mIoU_trivial"] == pytest.approx(floor)
+    assert scores["probe_mIoU"] > 90 and scores["probe_mIoU"] > floor + 50
+    assert scores["knn_acc"] > scores["knn_acc_chance"] + 30
+
+
+def test_a_voc_label_neither_class_nor_ignore_and_a_missing_part_are_named(tmp_path):
+    from densecl.quality import QualitySetError
+
+    voc = write_voc2012(tmp_path, bad_value=30)
+    with pytest.raises(QualitySetError, match=r"2007_000001\.png holds label values \[30\]; expected 0-20 or 255"):
+        QualitySet.voc(voc, 4, 2, 64)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(QualitySetError, match=r"lacks ImageSets/Segmentation/val\.txt"):
+        QualitySet.voc(voc, 4, 2, 64)
+
+
+def test_pretraining_scores_the_signals_on_the_voc_folder_it_is_given(tmp_path):
+    from densecl.metrics import confusion_matrix, trivial_miou
+
+    voc = write_voc2012(tmp_path)
+    logged = []
+    result = pretrain(tiny_config(eval_every=3, eval_data=str(voc), eval_num_train=6, eval_num_val=4, eval_size=64),
+                      tmp_path / "run", on_step=lambda step, m: logged.append((step, dict(m))))
+    signals = [(step, m) for step, m in logged if "probe_mIoU" in m]
+    assert [step for step, _ in signals] == [0, 3, 6]
+    truth = QualitySet.voc(voc, 6, 4, 64).val_labels.numpy()
+    voc_floor = trivial_miou(confusion_matrix(truth * 0, truth, 21))
+    scenes = QualitySet.scenes(6, 4, 64).val_labels.numpy()  # the default set, which must not be the one scored
+    assert result.metrics["probe_mIoU_trivial"] == pytest.approx(voc_floor)
+    assert voc_floor != pytest.approx(trivial_miou(confusion_matrix(scenes * 0, scenes, NUM_CLASSES)))
+
+
+def test_the_pipeline_takes_voc_for_the_signals_when_the_data_folder_holds_it(tmp_path):
+    from densecl.config import ConfigValueError
+    from pipelines import schema
+
+    def resolved(*overrides):
+        return schema.settings(schema.compose([f"paths.data_dir={tmp_path}", *overrides])).pretrain.eval_data
+
+    assert resolved() == "scenes"
+    voc = write_voc2012(tmp_path)
+    assert resolved() == str(voc)
+    assert resolved("pretrain.eval_data=scenes") == "scenes"
+    (voc / "SegmentationClass").rename(tmp_path / "elsewhere")
+    assert resolved() == "scenes"  # an incomplete folder is not taken
+    with pytest.raises(ConfigValueError, match=r"pretrain\.eval_data=.*missing: SegmentationClass"):
+        schema.validate(schema.compose([f"pretrain.eval_data={voc}"]))

@@ -204,20 +204,21 @@ class SyntheticScenes(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def pixels(self, index: int) -> np.ndarray:
-        """Scene ``index`` as uint8 (H, W, 3)."""
+    def _index(self, index: int) -> int:
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} synthetic scenes")
-        index %= self.num_images
+        return index % self.num_images
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Scene ``index`` as uint8 (H, W, 3)."""
+        index = self._index(index)
         if self._cached is not None:
             return np.array(self._cached[index])
         return np.asarray(generate_scene(self.seed, index, self.image_size).image)
 
     def __getitem__(self, index: int):
         if self._cached is None:
-            if not -self.num_images <= index < self.num_images:
-                raise IndexError(f"index {index} out of range for {self.num_images} synthetic scenes")
-            image = generate_scene(self.seed, index % self.num_images, self.image_size).image
+            image = generate_scene(self.seed, self._index(index), self.image_size).image
         else:
             image = Image.fromarray(self.pixels(index))
         return image if self.transform is None else self.transform(image)

@@ -27,10 +27,11 @@ from densecl.metrics import IGNORE_INDEX
 from densecl.probe import LinearProbeConfig, fit_and_score, scenes
 from densecl.synthetic import CLASS_NAMES
 from densecl.trainer import Hook, Trainer
+from densecl.transfer.layouts import VOC_CLASSES
 from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_CLASSES = len(CLASS_NAMES) + 1  # the scenes': background + their classes
-VOC_NUM_CLASSES = 21  # background + VOC's 20
+VOC_NUM_CLASSES = len(VOC_CLASSES) + 1  # background + VOC's 20
 KNN_K = 5
 QUALITY_EVALS = 4  # times over the schedule when pretrain.eval_every is null: the cost stays a few percent
 

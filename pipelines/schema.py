@@ -180,9 +180,8 @@ def settings(cfg: DictConfig) -> PipelineConfig:
         if key != "hydra"
     }
     obj = from_dict(PipelineConfig, values)
-    for section, key in (("data", "root"), ("data", "cache_dir")):
-        if getattr(getattr(obj, section), key):
-            setattr(getattr(obj, section), key, str(Path(getattr(getattr(obj, section), key)).absolute()))
+    data = obj.data
+    data.root, data.cache_dir = (str(Path(path).absolute()) if path else path for path in (data.root, data.cache_dir))
     if obj.pretrain.eval_data == "auto":
         obj.pretrain.eval_data = auto_eval_data(obj.paths.data_dir)
     elif obj.pretrain.eval_data != "scenes":

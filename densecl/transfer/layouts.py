@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from densecl.metrics import IGNORE_INDEX
 from densecl.synthetic import CLASS_NAMES
 from densecl.transfer.custom import DATASET_FILE, TRAIN_RECORDS, VAL_RECORDS
 
@@ -28,7 +29,7 @@ CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
-IGNORE_LABEL = 255
+IGNORE_LABEL = IGNORE_INDEX
 
 
 class DatasetLayoutError(FileNotFoundError):

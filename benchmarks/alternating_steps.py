@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from densecl.config import BackboneConfig, ModelConfig, PretrainConfig, TrainingConfig
 from densecl.distributed import DistEnv
-from densecl.engine import build_model
-from densecl.optim import build_optimizer, build_scheduler
-from densecl.trainer import Trainer, autocast_dtype
+from densecl.method.settings import BackboneConfig, ModelConfig
+from densecl.training.optim import build_optimizer, build_scheduler
+from densecl.training.pretrain import build_model
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.training.trainer import Trainer, autocast_dtype
 
 
 def bench_config(arch: str, size: int, batch: int, queue_len: int, loss_lambda: float = 0.5,

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from densecl.synthetic import generate_scene
-from densecl.transforms import TwoViewAugmentation
+from densecl.data.augment import TwoViewAugmentation
+from densecl.data.synthetic import generate_scene
 
 
 def parse_args() -> argparse.Namespace:

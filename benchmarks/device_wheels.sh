@@ -180,7 +180,7 @@ modules = [
     "iopath.common.file_io", "yacs.config", "termcolor", "sqlalchemy", "alembic", "mlflow.tracking",
     "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store",
     "detectron2.modeling", "detectron2.engine", "detectron2.evaluation", "detectron2.data",
-    "densecl", "densecl.gpu_augment", "densecl.transfer", "pipelines.run", "pipelines.report",
+    "densecl", "densecl.data.gpu_augment", "densecl.transfer", "pipelines.run", "pipelines.report",
 ]
 for name in modules:
     try:

@@ -6,7 +6,7 @@ The paper-scale target is ResNet-50 at 224, batch 256, AMP + channels_last on on
 On a CPU it runs at any size, e.g. --arch resnet18 --size 96 --batch 32 --queue-len 4096 --amp none.
 
 tensors: `Trainer.run_step` on one batch of random views resident on the device (no data pipeline at all).
-pipeline: the engine's own pre-training (densecl.engine.pretrain: its data set, loader, two-view augmentation
+pipeline: the engine's own pre-training (densecl.training.pretrain.pretrain: its data set, loader, two-view augmentation
 on the CPU workers or, with --augment-on gpu, on the device, and its training loop) on the synthetic scenes
 (--source synthetic, optionally cached: --cache-dir) or a folder of images (--source FOLDER, e.g. the JPEGs of
 benchmarks/write_jpeg_folder.py); timed from the end of step --warmup to the end of the last step.
@@ -29,9 +29,9 @@ import warnings
 import torch
 from alternating_steps import bench_config, build_run
 
-from densecl.config import AugmentOn, DataConfig
+from densecl.data.settings import AugmentOn, DataConfig
 from densecl.distributed import resolve_device
-from densecl.engine import pretrain
+from densecl.training.pretrain import pretrain
 
 
 def measure_tensors(cfg, device: torch.device, args) -> float:

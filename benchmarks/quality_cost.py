@@ -1,4 +1,4 @@
-"""What the feature-quality signals (densecl.quality) cost: the default run's pre-training (or any overrides
+"""What the feature-quality signals (densecl.evaluation.quality) cost: the default run's pre-training (or any overrides
 of it) with the signals at their default, timing the signals themselves (the labelled scenes, then each
 evaluation) against the whole pre-training. Timing the signals inside one run is immune to the machine's
 drift between two runs, which on a shared VM is larger than the signals' cost.
@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import densecl.engine
-import densecl.quality
-from densecl.engine import pretrain
+import densecl.evaluation.quality
+import densecl.training.pretrain
+from densecl.training.pretrain import pretrain
 from pipelines import schema
 
 
@@ -44,10 +44,10 @@ def main() -> None:
     settings = schema.settings(schema.compose(["pretrain.progress=false", *args.overrides],
                                               return_hydra_config=False))
     cfg = settings.pretrain_config()
-    evaluations = Stopwatch(densecl.quality.evaluate_features)
-    scenes = Stopwatch(densecl.quality.QualitySet.scenes)
-    densecl.quality.evaluate_features = evaluations
-    densecl.engine.QualitySet.scenes = scenes
+    evaluations = Stopwatch(densecl.evaluation.quality.evaluate_features)
+    scenes = Stopwatch(densecl.evaluation.quality.QualitySet.scenes)
+    densecl.evaluation.quality.evaluate_features = evaluations
+    densecl.training.pretrain.QualitySet.scenes = scenes
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = pretrain(cfg, Path(tmp) / "pretrain")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from densecl.synthetic import CLASS_NAMES
-from densecl.transfer.configs import SegmentationConfig, SyntheticSet
+from densecl.data.synthetic import CLASS_NAMES
+from densecl.transfer.settings import SegmentationConfig, SyntheticSet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "downstream"
 # name -> SyntheticSet options beyond conf/downstream/synthetic.yaml's set (96 train scenes, 160 px, seed 0)

@@ -14,9 +14,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from densecl.probe import extract, load_frozen_backbone
-from densecl.synthetic import VAL_INDEX_OFFSET, generate_scene
-from densecl.transforms import TwoViewAugmentation
+from densecl.data.augment import TwoViewAugmentation
+from densecl.data.synthetic import VAL_INDEX_OFFSET, generate_scene
+from densecl.evaluation.probe import extract, load_frozen_backbone
 
 # Held out from pre-training (indices 0..num_images-1) and from the probe's and the downstream val sets.
 FIRST_SCENE = 2 * VAL_INDEX_OFFSET

@@ -3,7 +3,7 @@ throughput runs (benchmarks/pretrain_throughput.py --source FOLDER).
 
     python benchmarks/write_jpeg_folder.py FOLDER --num 25600 --workers 16
 
-Scene i (densecl.synthetic.generate_scene, set `--seed`) is drawn at `--scene-size` px, upscaled (bicubic) to
+Scene i (densecl.data.synthetic.generate_scene, set `--seed`) is drawn at `--scene-size` px, upscaled (bicubic) to
 a size drawn around `--width` x `--height` (ImageNet's typical 500 x 375; landscape or portrait, each side
 +-20%), given photo-like grain (Gaussian, sigma `--grain`: upscaled scenes are smoother than photos and would
 compress, and decode, unrealistically well) and saved at JPEG quality `--quality`. Already written files are
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from densecl.synthetic import generate_scene
+from densecl.data.synthetic import generate_scene
 
 
 def image_size(index: int, width: int, height: int, seed: int) -> tuple[int, int]:

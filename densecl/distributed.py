@@ -82,7 +82,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 def shuffle_batch(x: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shuffle-BN: redistribute the key batch across ranks with a permutation drawn on rank 0, so that BN
     statistics of the key encoder do not come from the same images as the query's (MoCo). In a single
-    process, `local=True` permutes the batch itself (for split BN, densecl.split_bn); otherwise a no-op."""
+    process, `local=True` permutes the batch itself (for split BN, densecl.method.split_bn); otherwise a no-op."""
     if not is_distributed():
         if not local:
             return x, None

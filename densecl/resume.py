@@ -3,7 +3,8 @@ stages, the probe, the pipeline's stage markers).
 
 A stage records the settings it runs with in its folder. Run again there, it is done (its result is read
 back), resumed (from its own checkpoint) or refused: a setting that changes results differs, so its figures
-would be reported under settings they were not made with. Settings that change no result may differ freely.
+would be reported under settings they were not made with. Settings that change no result may differ freely:
+each field declares which it is (densecl.typed_settings: `result` or `neutral`).
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from densecl.config import flatten, from_dict, plain
-
-# Keys (at any depth: `pretrain.num_workers`, `downstream.det_voc.log_period`) that change neither the weights
-# nor the figures a stage reports. Job folder names leave them out too (pipelines.schema.job_dirname).
-RESULT_NEUTRAL = frozenset({
-    "device",  # where it runs
-    "num_workers", "progress",  # how fast, and what the console shows
-    "log_every", "log_period", "ckpt_every", "checkpoint_period", "eval_period",  # when things are written
-    "figure",  # the correspondence figure, a by-product
-    "cache_dir",  # where generated scenes are kept: the same pixels as generating them again
-    "compile",  # torch.compile: the same computation, fused (rounding aside, as on another device)
-})  # fmt: skip
+from densecl.typed_settings import changes_results, flatten, from_dict, plain
 
 
 class Reuse(Enum):
@@ -48,21 +38,24 @@ class SettingsChangedError(ValueError):
         )
 
 
-def is_result_neutral(key: str) -> bool:
-    return any(part in RESULT_NEUTRAL for part in key.split("."))
-
-
-def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], schema: type,
+                     within: str = "") -> list[tuple[str, Any, Any]]:
     """(key, saved, current) for each dotted key both hold that differs and changes results, sorted by key.
 
-    A key only one side holds is not compared: callers fill a saved record's missing fields with their
-    defaults first (a folder saved before a field existed ran as its default)."""
+    The keys under `within` ("config." for a record {"config": ..., "weights": ...}) are `schema`'s fields,
+    classified by their declared roles; every other key changes results. A key only one side holds is not
+    compared: callers fill a saved record's missing fields with their defaults first (a folder saved before a
+    field existed ran as its default)."""
     old, new = flatten(saved), flatten(current)
     return [
         (key, old[key], new[key])
         for key in sorted(old.keys() & new.keys())
-        if not is_result_neutral(key) and _comparable(old[key]) != _comparable(new[key])
+        if _changes_results(schema, within, key) and _comparable(old[key]) != _comparable(new[key])
     ]
+
+
+def _changes_results(schema: type, within: str, key: str) -> bool:
+    return not key.startswith(within) or changes_results(schema, key[len(within) :])
 
 
 def _comparable(value: Any) -> Any:
@@ -79,17 +72,18 @@ def reuse_recorded(folder: str | os.PathLike, record: str | os.PathLike, config_
         with open(record) as file:
             recorded = json.load(file)
         saved = {**recorded, "config": plain(from_dict(config_cls, recorded["config"]))}
-    return reuse(folder, saved, current, finished=saved is not None and finished)
+    return reuse(folder, saved, current, finished=saved is not None and finished, schema=config_cls, within="config.")
 
 
 def reuse(folder: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any],
-          finished: bool) -> Reuse:
+          finished: bool, schema: type, within: str = "") -> Reuse:
     """What to do with `folder`, given the settings it recorded (None: none recorded) and whether its work
-    finished. Raises SettingsChangedError when the recorded settings differ in one that changes results.
+    finished. Raises SettingsChangedError when the recorded settings differ in one that changes results
+    (`changed_settings`: `schema` and `within` say which keys do).
     A finished folder that recorded no settings (written before they were recorded) is done: nothing can
     be compared."""
     if saved is not None:
-        changes = changed_settings(saved, current)
+        changes = changed_settings(saved, current, schema, within)
         if changes:
             raise SettingsChangedError(folder, changes)
     if finished:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines import schema
-from pipelines.console import HEADLINES, summary_table
+from pipelines import plan, schema
+from pipelines.console import summary_table
 from pipelines.launching import export_distributed_env, is_global_rank_zero
+from pipelines.registry import STAGES
 from pipelines.report import report_sweep
 from pipelines.stages import DONE
 from pipelines.tracking import (
@@ -117,6 +119,40 @@ def sweep_jobs(config: DictConfig) -> tuple[list[list[str]], dict[str, list[str]
     return jobs, {k: values for k, values in swept.items() if values is not None}
 
 
+def composed_jobs(config: DictConfig, jobs: list[list[str]], swept: list[str]) -> list[tuple[str, Path, DictConfig]]:
+    """(name, folder, composed config) of every job of a basic sweep."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    sweep_dir = group_dir(config)
+    found = []
+    for overrides in jobs:
+        job_cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
+        name = join_values(swept_values(overrides, swept)) or "base"
+        found.append((name, sweep_dir / str(job_cfg.hydra.sweep.subdir), job_cfg))
+    return found
+
+
+def show_plan(config: DictConfig, jobs: list[tuple[str, Path, DictConfig]], what: str) -> None:
+    """Print every job's plan (pipelines.plan) and exit: nothing is run, made or tracked."""
+    world_size = plan.launcher_world_size(config)
+    texts = []
+    for name, job_dir, job_cfg in jobs:
+        try:
+            schema.validate(job_cfg, check_paths=False)
+        except schema.ConfigValueError as err:
+            raise SystemExit(f"invalid config, job [{name}]: {err}") from None
+        texts.append(plan.format_job(name, job_dir, plan.plan_job(job_cfg, job_dir, world_size)))
+        try:
+            schema.validate(job_cfg)
+        except schema.ConfigValueError as err:
+            texts.append(f"  this job would stop before it starts: {err}")
+    launcher = config.hydra.runtime.choices.get("hydra/launcher", "basic")
+    header = f"plan of the {what} {config.name!r} (launcher {launcher}, {world_size} process(es) a job); nothing ran"
+    print("\n\n".join([header, *texts]), flush=True)
+    raise SystemExit(0)
+
+
 class SweepError(ValueError):
     """A sweep that cannot run as a whole: a bad job, or two jobs that would share a folder."""
 
@@ -146,15 +182,15 @@ def runs_view(config: DictConfig, swept: list[str]) -> tuple[list[str], str]:
     """The runs table's columns for this run or sweep (the swept keys, the group, each planned stage's headline
     figures) and its order (the first swept key, else the seed: every child has one, the parent not)."""
     point = [key for key in swept if key not in config.report.seed_keys]
-    stages = [s for s in schema.STAGES if s in config.stages]
+    stages = [s for s in STAGES if s.name in config.stages and s.name != "convert"]
     columns = [f"params.`{key}`" for key in swept] + ([f"tags.`{TAG_GROUP}`"] if point else [])
-    columns += [f"metrics.`{stage}/{name}`" for stage in stages if stage != "convert" for name in HEADLINES[stage]]
+    columns += [f"metrics.`{stage.name}/{name}`" for stage in stages for name in stage.headline]
     return columns, f"params.`{(swept or ['seed'])[0]}`"
 
 
 def print_summary(config: DictConfig, jobs: dict[str, Path]) -> None:
     """Every job's stages with their headline figures, where they are, and how to see them in mlflow."""
-    lines = ["", summary_table(jobs, list(schema.STAGES), DONE), "", f"folders: {group_dir(config)}"]
+    lines = ["", summary_table(jobs, STAGES.names(), DONE), "", f"folders: {group_dir(config)}"]
     if config.tracking.enabled:
         tracker = tracker_for(config)
         experiment_id = tracker.experiment_id(config.tracking.experiment_name, config.tracking.artifact_location)
@@ -171,6 +207,9 @@ class PipelineCallback(Callback):
     # unreachable tracking store ends the launch with SystemExit (its message is printed, exit status 1).
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.plan:
+            job_dir = Path(config.hydra.run.dir).absolute()
+            show_plan(config, [(job_dir.name, job_dir, config)], "run")
         try:
             schema.validate(config)
         except schema.ConfigValueError as err:
@@ -180,12 +219,17 @@ class PipelineCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
             jobs, swept = sweep_jobs(config)
+            if config.plan:
+                show_plan(config, composed_jobs(config, jobs, list(swept)), f"sweep of {len(jobs)} jobs")
             try:
                 check_jobs(config, jobs)
             except SweepError as err:
                 raise SystemExit(f"invalid config, no job was launched: {err}") from None
             log.info("sweep of %d jobs over %s validated", len(jobs), ", ".join(swept) or "nothing")
         else:  # another sweeper picks jobs as it goes: each job validates its config when it starts
+            if config.plan:
+                raise SystemExit(f"plan=true needs Hydra's basic sweeper, which knows every job in advance; "
+                                 f"{config.hydra.sweeper._target_} chooses them as it goes")
             jobs, swept = [], {str(k): [] for k in config.hydra.sweeper.get("params") or {}}
         self._open_parent(config, kind="sweep", swept=swept, num_jobs=len(jobs))
 
@@ -292,7 +336,11 @@ class PipelineCallback(Callback):
         )
         task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
         task_cfg.pop("hydra", None)
-        changed = tracker.log_params(run_id, {**as_params(task_cfg), **swept})
+        for section in task_cfg["downstream"].values():  # a key left None keeps its preset's value: see plan.*
+            for key in [k for k, v in (section or {}).items() if v is None]:
+                del section[key]
+        job_plan = plan.plan_job(config, job_dir, int(os.environ.get("WORLD_SIZE", 1)))
+        changed = tracker.log_params(run_id, {**as_params(task_cfg), **swept, **plan.params(job_plan)})
         if changed:  # only keys excluded from folder names can differ (e.g. stages): keep the first values
             log.warning(
                 "mlflow params keep their first values for %s (params are immutable)", ", ".join(changed)

@@ -13,33 +13,22 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-# the figures a stage is judged by, in the order shown
-HEADLINES = {
-    "pretrain": ("loss", "corr_acc_eval"),
-    "convert": ("num_tensors",),
-    "det_voc": ("AP", "AP50"),
-    "det_coco": ("bbox/AP", "segm/AP"),
-    "seg_voc": ("mIoU",),
-    "seg_cityscapes": ("mIoU",),
-    "probe": ("mIoU",),
-    "classify": ("top1",),
-}
-TRIVIAL_MIOU = "mIoU_trivial"  # every pixel labelled with the most frequent class (background on VOC)
+from pipelines.registry import STAGES
+
 DETAILED_LOGGERS = ("detectron2", "fvcore", "densecl.transfer")
 # libraries' deprecation notices from inside the transfer stages (torch.jit.script, torch.meshgrid): not ours to act on
 LIBRARY_WARNINGS = r"(torch|detectron2|fvcore)(\.|$)"
 
 
 def headline(stage: str, metrics: Mapping[str, float]) -> str:
-    """'AP 1.19, AP50 4.86 (trivial: 0)', 'mIoU 24.1 (trivial: 10.0)', 'loss 5.19': the trivial baseline is 0
-    for detection and, for segmentation, the mIoU of the most frequent class everywhere."""
-    shown = ", ".join(f"{name} {metrics[name]:.4g}" for name in HEADLINES.get(stage, ()) if name in metrics)
-    if stage.startswith("det_"):
-        shown += " (trivial: 0)"
-    elif TRIVIAL_MIOU in metrics:
-        shown += f" (trivial: {metrics[TRIVIAL_MIOU]:.4g})"
-    elif "top1_chance" in metrics:
-        shown += f" (chance: {metrics['top1_chance']:.4g})"
+    """'AP 1.19, AP50 4.86 (trivial: 0)', 'mIoU 24.1 (trivial: 10.0)', 'loss 5.19': the stage's headline figures
+    (pipelines.registry) beside the score of a trivial predictor, where the stage has one."""
+    record = STAGES[stage] if stage in STAGES else None
+    names = record.headline if record is not None else ()
+    shown = ", ".join(f"{name} {metrics[name]:.4g}" for name in names if name in metrics)
+    trivial = record.trivial(dict(metrics)) if record is not None else None
+    if trivial is not None:
+        shown += f" ({record.baseline_label}: {trivial:.4g})"
     return shown
 
 

@@ -1,7 +1,7 @@
 """Rank and world size for jobs started by submitit (SLURM or local) or by torchrun.
 
 With `hydra/launcher=submitit_slurm` and `tasks_per_node > 1`, SLURM starts one process per task and every
-process runs the whole Hydra job. torch.distributed's `env://` initialisation (used by `densecl.engine`)
+process runs the whole Hydra job. torch.distributed's `env://` initialisation (used by `densecl.training.pretrain`)
 reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which SLURM does not set: `export_distributed_env`
 translates submitit's view of the job (SLURM_PROCID, SLURM_NTASKS, the node list) into them. Tracking and
 file writes must then happen on global rank 0 only: `is_global_rank_zero` answers that in every setting

@@ -28,6 +28,7 @@ import pandas as pd
 
 from densecl.files import write_atomic
 from pipelines import schema
+from pipelines.registry import STAGES
 from pipelines.tracking import (
     DATASET_TAG,
     OVERRIDE_TAG,
@@ -100,7 +101,7 @@ def default_metrics(columns: list[str]) -> list[str]:
     """Final stage metrics present in the runs, in paper order: downstream stages, then pre-training."""
     present = {c[len("metrics.") :] for c in columns if c.startswith("metrics.")}
     chosen = []
-    for stage in schema.DOWNSTREAM_STAGES:  # not the per-class values (AP-<class>, IoU-<class>) nor timings
+    for stage in (s.name for s in STAGES.with_settings()):  # not the per-class values (AP-<class>) nor timings
         names = sorted(
             (m for m in present if m.startswith(f"{stage}/") and "-" not in m and not m.endswith(SKIPPED_SUFFIXES)),
             key=lambda m: _metric_rank(m.split("/")[-1]),

@@ -4,6 +4,7 @@
     python -m pipelines.run +experiment=ablation_matching -m  # a sweep from conf/experiment/
     python -m pipelines.run pretrain.weights=PATH stages=[det_voc]
     python -m pipelines.run +experiment=baselines hydra/launcher=submitit_slurm hydra.launcher.qos=high -m
+    python -m pipelines.run +experiment=ablation_matching -m plan=true  # every job's settings, nothing run
 
 Config: conf/ (schema and checks in pipelines/schema.py). The job runs in
 <paths.output_dir>/runs/<name>/<overrides> (or multirun/<name>/<overrides> for sweeps), see docs/pipeline.md.
@@ -12,6 +13,7 @@ Config: conf/ (schema and checks in pipelines/schema.py). The job runs in
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -55,6 +57,36 @@ def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return run_job(cfg)
 
 
+# Hydra's options that take a value (`--cfg job`); every other token that starts with '-' is a flag
+VALUE_OPTIONS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                 "-cd", "--experimental-rerun")
+INFO_OPTIONS, INFO_VALUES = ("--info", "-i"), ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's options with their values, the overrides), each in its order."""
+    options, overrides, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-"):
+            overrides.append(token)
+            i += 1
+            continue
+        with_value = token in VALUE_OPTIONS or (token in INFO_OPTIONS and i + 1 < len(argv)
+                                                and argv[i + 1] in INFO_VALUES)
+        options += argv[i : i + 1 + with_value]
+        i += 1 + with_value
+    return options, overrides
+
+
 if __name__ == "__main__":
+    # Options first: Hydra 1.3.8's parser refuses an override after an option (`... -m pretrain.iters=6`;
+    # hydra#3053, fixed after that release), and the documented commands put overrides on both sides of `-m`.
+    options, overrides = split_arguments(sys.argv[1:])
+    sys.argv[1:] = options + overrides
+    try:
+        schema.check_override_keys(overrides)
+    except schema.UnknownKeyError as err:
+        raise SystemExit(f"invalid override: {err}") from None
     schema.register()
     main()

@@ -1,5 +1,6 @@
-"""The pipeline's stages, run in a job's folder: pretrain -> convert -> det_voc -> det_coco -> seg_voc ->
-seg_cityscapes -> probe (those `cfg.stages` names, always in this order).
+"""The pipeline's stages, run in a job's folder in the order of the stage registry (pipelines.registry):
+pretrain -> convert -> det_voc -> det_coco -> seg_voc -> seg_cityscapes -> probe -> classify, those that
+`cfg.stages` names. This module holds their runners.
 
 Each stage works in `<job folder>/<stage>/`. When it finishes it writes `metrics.json` and then the marker
 `DONE.json` (metrics, duration, the settings its result depends on: `stage_settings`). Run again, a stage
@@ -15,35 +16,35 @@ Pre-training uses every process of the job; the other stages run on global rank 
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from densecl.checkpoint import load_trained_model
-from densecl.classify import run_classification
-from densecl.config import DataKind, ModelName
-from densecl.engine import pretrain
+from densecl.data.sources import first_images
+from densecl.evaluation.classify import run_classification
+from densecl.evaluation.correspondence_figure import correspondence_figure
+from densecl.evaluation.probe import run_linear_probe
 from densecl.files import write_atomic, write_json
-from densecl.probe import run_linear_probe
-from densecl.resume import Reuse, is_result_neutral, reuse
+from densecl.method.settings import ModelName
+from densecl.resume import Reuse, reuse
+from densecl.training.pretrain import load_trained_model, pretrain
 from densecl.transfer import protocol
-from densecl.transfer.configs import StageConfig
-from densecl.transfer.convert import convert_to_detectron2, read_converted
 from densecl.transfer.custom import DATASET_FILE, PREPARED_FOLDER
-from densecl.visualize import correspondence_figure
+from densecl.transfer.settings import StageConfig
+from densecl.typed_settings import changes_results
+from densecl.weights.detectron2 import convert_to_detectron2, read_converted
 from pipelines import schema
 from pipelines.console import detailed_logs_to_file_only, headline
 from pipelines.launching import is_global_rank_zero
 from pipelines.preemption import GracefulStop
-from pipelines.schema import PipelineConfig
+from pipelines.registry import STAGES
+from pipelines.schema import PipelineConfig, pipeline_schema
 from pipelines.tracking import DATASET_TAG, PROTOCOL_PARAM, PROTOCOL_TAG, RunLogger, as_params
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
     sections = ["seed", "backbone", "model"]
     if cfg.model.name != ModelName.random_init:
         sections += ["matching", "data", "pretrain"]
-    if stage in schema.DOWNSTREAM_STAGES:
+    if STAGES[stage].settings is not None:
         sections.append(f"downstream.{stage}")
         if cfg.downstream[stage].get("preset") == "synthetic":
             sections.append("downstream.synthetic")
@@ -94,15 +95,14 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
         value = OmegaConf.select(cfg, key)
         is_section = OmegaConf.is_config(value)
         tree[key] = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if is_section else value
-    return {k: v for k, v in as_params(tree).items() if not is_result_neutral(k)}
+    schema = pipeline_schema()
+    return {k: v for k, v in as_params(tree).items() if changes_results(schema, k)}
 
 
 def planned_stages(cfg: PipelineConfig | DictConfig) -> list[str]:
     """The stages this job runs, in pipeline order (random init has nothing to pre-train or convert)."""
-    chosen = set(cfg.stages)
-    if cfg.model.name == ModelName.random_init:
-        chosen -= {"pretrain", "convert"}
-    return [s for s in schema.STAGES if s in chosen]
+    random_init = cfg.model.name == ModelName.random_init
+    return [s.name for s in STAGES if s.name in cfg.stages and (s.with_random_init or not random_init)]
 
 
 def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str, dict[str, float]]:
@@ -111,11 +111,12 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
     results: dict[str, dict[str, float]] = {}
     rank_zero = is_global_rank_zero()
     for stage in planned_stages(job.cfg):
-        if stage != "pretrain" and not rank_zero:
+        if not STAGES[stage].all_processes and not rank_zero:
             continue
         done, settings = job.done(stage), stage_settings(cfg, stage)
         saved = None if done is None else done.get("settings")
-        if reuse(job.stage_dir(stage), saved, settings, finished=done is not None) is Reuse.DONE:
+        decision = reuse(job.stage_dir(stage), saved, settings, finished=done is not None, schema=pipeline_schema())
+        if decision is Reuse.DONE:
             log.info("stage %s: already done: %s", stage, headline(stage, done["metrics"]))
             tracking.final_metrics(stage, done["metrics"], only_missing=True)
             results[stage] = done["metrics"]
@@ -123,7 +124,7 @@ def run_stages(cfg: DictConfig, job_dir: Path, tracking: RunLogger) -> dict[str,
         log.info("stage %s: running", stage)
         job.stage_dir(stage).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        metrics = STAGE_FUNCTIONS[stage](job)
+        metrics = STAGES[stage].run(job)
         seconds = time.perf_counter() - start
         if rank_zero:
             write_json(job.stage_dir(stage) / METRICS, metrics)
@@ -172,8 +173,8 @@ def transfer_weights(job: Job) -> Path | None:
 # ------------------------------------------------------------------------------------------- stages
 
 
-def run_pretrain(job: Job) -> dict[str, float]:
-    out = job.stage_dir("pretrain")
+def run_pretrain(job: Job, stage: str) -> dict[str, float]:
+    out = job.stage_dir(stage)
     curve = job.tracking.curve("pretrain/")
     with GracefulStop() as stop:
         result = pretrain(job.cfg.pretrain_config(), out, on_step=curve, should_stop=stop.requested)
@@ -193,38 +194,12 @@ def run_pretrain(job: Job) -> dict[str, float]:
     return metrics
 
 
-def _figure_images(cfg: PipelineConfig, count: int) -> list:
-    """The first `count` pre-training images (synthetic scenes, or files found walking the folder)."""
-    data = cfg.data
-    if data.kind == DataKind.synthetic:
-        from densecl.synthetic import generate_scene
-
-        return [
-            generate_scene(data.seed, i, data.image_size).image for i in range(min(count, data.num_images))
-        ]
-    from densecl.datasets import IMAGE_EXTENSIONS, load_rgb_image
-
-    images = []
-    for folder, subfolders, files in os.walk(data.root):  # lazily: ImageNet has a million files
-        subfolders.sort()
-        for name in sorted(files):
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                images.append(load_rgb_image(os.path.join(folder, name)))
-            except Exception as err:  # a broken file is not worth losing the figure over
-                log.warning("figure: skipping %s (%s)", name, err)
-            if len(images) == count:
-                return images
-    return images
-
-
 def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, float]:
     """The paper-style correspondence figure of the trained model; returns its summary numbers."""
     fig_cfg = job.cfg.pretrain.figure
     try:
         model, pcfg = load_trained_model(checkpoint)
-        images = _figure_images(job.cfg, fig_cfg.num_images)
+        images = first_images(job.cfg.data, fig_cfg.num_images)
         figure, summary = correspondence_figure(
             model,
             images,
@@ -240,22 +215,31 @@ def _correspondence_figure(job: Job, checkpoint: Path, path: Path) -> dict[str, 
     return {f"figure_{k}": v for k, v in summary.items() if math.isfinite(v)}  # no JSON NaN
 
 
-def run_convert(job: Job) -> dict[str, float]:
-    dst = convert_to_detectron2(backbone_weights(job), job.stage_dir("convert") / CONVERTED)
+def run_convert(job: Job, stage: str) -> dict[str, float]:
+    dst = convert_to_detectron2(backbone_weights(job), job.stage_dir(stage) / CONVERTED)
     return {"num_tensors": float(len(read_converted(dst)["model"]))}
 
 
-def run_transfer(job: Job, stage: str) -> dict[str, float]:
-    """A detectron2 stage. detectron2 is imported here, when a job first needs it: the pipeline's one lazy
-    import, so that composing, checking and launching never load it."""
+def run_det_voc(job: Job, stage: str) -> dict[str, float]:
+    return run_transfer(job, stage, "densecl.transfer.detection", "run_voc_detection")
+
+
+def run_det_coco(job: Job, stage: str) -> dict[str, float]:
+    return run_transfer(job, stage, "densecl.transfer.detection", "run_coco_detection")
+
+
+def run_segmentation(job: Job, stage: str) -> dict[str, float]:
+    return run_transfer(job, stage, "densecl.transfer.segmentation", "run_semantic_segmentation")
+
+
+def run_transfer(job: Job, stage: str, module: str, function: str) -> dict[str, float]:
+    """A detectron2 stage: `module.function(stage config, weights, folder)`. detectron2 is imported here, when a
+    job first needs it, so that composing, checking and launching never load it."""
     weights = None if (path := transfer_weights(job)) is None else str(path)
     stage_cfg = job.cfg.stage_config(stage)
     _record_protocol(job, stage, stage_cfg)
     with detailed_logs_to_file_only(not job.cfg.verbose):  # detectron2's import warns too
-        from densecl.transfer.detection import run_coco_detection, run_voc_detection
-        from densecl.transfer.segmentation import run_semantic_segmentation
-
-        runner = {"det_voc": run_voc_detection, "det_coco": run_coco_detection}.get(stage, run_semantic_segmentation)
+        runner = getattr(importlib.import_module(module), function)
         metrics = runner(stage_cfg, weights, str(job.stage_dir(stage)))
     _track_custom_dataset(job, stage, stage_cfg)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -293,22 +277,12 @@ def dataset_title(info: dict) -> str:
             f"({', '.join(classes)})")
 
 
-def run_probe(job: Job) -> dict[str, float]:
+def run_probe(job: Job, stage: str) -> dict[str, float]:
     """The frozen-backbone dense linear probe on the synthetic scenes (torchvision-named weights)."""
-    metrics = run_linear_probe(job.cfg.stage_config("probe"), backbone_weights(job), job.stage_dir("probe"))
+    metrics = run_linear_probe(job.cfg.stage_config(stage), backbone_weights(job), job.stage_dir(stage))
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run_classify(job: Job) -> dict[str, float]:
+def run_classify(job: Job, stage: str) -> dict[str, float]:
     """The linear classifier on frozen global features of the user's labelled image folder."""
-    cfg = job.cfg.stage_config("classify")
-    return run_classification(cfg, backbone_weights(job), job.stage_dir("classify"))
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Job], dict[str, float]]] = {
-    "pretrain": run_pretrain,
-    "convert": run_convert,
-    **{s: functools.partial(run_transfer, stage=s) for s in ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")},
-    "probe": run_probe,
-    "classify": run_classify,
-}
+    return run_classification(job.cfg.stage_config(stage), backbone_weights(job), job.stage_dir(stage))

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from densecl.config import flatten
 from densecl.files import write_json
+from densecl.typed_settings import flatten
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from densecl.synthetic import voc_palette
+from densecl.data.synthetic import voc_palette
 
 CLASSES = ("gadget", "widget")  # widget: a red square, gadget: a blue disc
 COLOURS = {"widget": (220, 40, 40), "gadget": (40, 60, 220)}

@@ -56,8 +56,8 @@ def test_view_retrieval_matches_a_slow_reference():
 
 
 def test_view_retrieval_script_scores_each_backbone(tmp_path):
-    from densecl.export import save_backbone
-    from densecl.probe import load_frozen_backbone
+    from densecl.evaluation.probe import load_frozen_backbone
+    from densecl.weights.export import save_backbone
 
     weights = tmp_path / "backbone.pth"
     save_backbone(load_frozen_backbone("resnet18", None, seed=3).state_dict(), weights, "resnet18")

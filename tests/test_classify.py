@@ -1,4 +1,4 @@
-"""The classification sanity check (densecl.classify): a linear classifier on frozen global features of an
+"""The classification sanity check (densecl.evaluation.classify): a linear classifier on frozen global features of an
 image folder separates classes the features tell apart, scores on a seeded held-out split or a val folder,
 refuses folders that do not match, and runs as an optional pipeline stage."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densecl.classify import LinearClassifierConfig, classify, split_indices
+from densecl.evaluation.classify import classify, split_indices
+from densecl.evaluation.settings import LinearClassifierConfig
 from pipelines import schema
 
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40), "green": (40, 170, 60)}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from densecl.checkpoint import load_checkpoint, load_trained_model
 from densecl.distributed import DistEnv
-from densecl.engine import build_model, pretrain
-from densecl.export import load_backbone_weights
+from densecl.training.checkpoint import load_checkpoint
+from densecl.training.pretrain import build_model, load_trained_model, pretrain
+from densecl.weights.published import load_backbone_weights
 from tests.test_engine import tiny_config
 
 # split BN with its in-batch shuffle (bn_splits=2), the momentum update and both queues act in every step;

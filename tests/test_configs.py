@@ -13,19 +13,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from densecl.config import (
-    BackboneConfig,
-    DataConfig,
-    DataKind,
-    Matching,
-    MatchingConfig,
-    ModelConfig,
-    PretrainConfig,
-    TrainingConfig,
-)
-from densecl.resume import RESULT_NEUTRAL
+from densecl.data.settings import DataConfig, DataKind
+from densecl.method.settings import BackboneConfig, Matching, MatchingConfig, ModelConfig
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.typed_settings import changes_results
 from pipelines import schema
 from pipelines.callbacks import SweepError, check_jobs, sweep_jobs
+from pipelines.registry import STAGES
 
 # conf/hydra/launcher/submitit_*.yaml shadow the plugin's configs on purpose (pipelines/schema.py)
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")
@@ -55,7 +49,7 @@ def test_every_experiment_composes_and_validates(experiment):
     schema.validate(cfg, check_paths=False)
     assert cfg.name == (experiment or "default")
     for stage in cfg.stages:
-        if stage in schema.DOWNSTREAM_STAGES:
+        if STAGES[stage].settings is not None:
             assert schema.settings(cfg).stage_config(stage).arch == cfg.backbone.arch
 
 
@@ -215,15 +209,33 @@ def test_job_dirname_depends_only_on_overrides(overrides, expected):
     assert schema.job_dirname(overrides[::-1]) == expected
 
 
-@pytest.mark.parametrize("key", sorted(RESULT_NEUTRAL))
+# the settings that change no result: each declared so on its field (densecl.typed_settings.neutral)
+NEUTRAL = ["device", "data.cache_dir", "pretrain.num_workers", "pretrain.progress", "pretrain.log_every",
+           "pretrain.ckpt_every", "pretrain.compile", "pretrain.figure.threshold", "pretrain.figure.enabled",
+           "downstream.det_voc.device", "downstream.det_voc.num_workers", "downstream.det_voc.progress",
+           "downstream.det_voc.log_period", "downstream.det_voc.checkpoint_period", "downstream.det_voc.eval_period",
+           "downstream.probe.device", "downstream.probe.progress", "downstream.classify.device",
+           "name", "stages", "verbose", "plan", "paths.output_dir", "tracking.uri", "report.metrics"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", NEUTRAL)
 def test_keys_that_change_no_result_stay_out_of_folder_names(key):
-    """One list serves both: what a rerun may change freely (densecl.resume) names no folder."""
-    assert schema.job_dirname([f"pretrain.{key}=1", "seed=2"]) == "seed=2"
-    assert schema.job_dirname([f"downstream.det_voc.{key}=1"]) == "base"
+    """The role declared on a field serves both: what a rerun may change freely (densecl.resume) names no
+    folder."""
+    assert not changes_results(schema.pipeline_schema(), key)
+    assert schema.job_dirname([f"{key}=1", "seed=2"]) == "seed=2"
+
+
+def test_keys_that_change_results_name_the_folder():
+    keys = ["seed", "model.loss_lambda", "pretrain.iters", "data.num_images", "downstream.det_voc.max_iter",
+            "downstream.synthetic.num_train", "downstream.seg_voc.custom.root", "model", "downstream"]
+    for key in keys:
+        assert changes_results(schema.pipeline_schema(), key)
+        assert schema.job_dirname([f"{key}=1", "pretrain.num_workers=2"]) == f"{key}=1"
 
 
 def test_long_job_dirnames_stay_distinct():
-    a, b = [f"x={'a' * 300}1"], [f"x={'a' * 300}2"]
+    a, b = [f"data.root={'a' * 300}1"], [f"data.root={'a' * 300}2"]
     assert len(schema.job_dirname(a)) <= 120 and schema.job_dirname(a) != schema.job_dirname(b)
 
 

@@ -31,7 +31,7 @@ def test_the_summary_lists_every_finished_stage_of_every_job(tmp_path):
 def test_detectron2_details_reach_the_stage_file_but_not_the_terminal_unless_verbose(caplog):
     file_lines = []
 
-    class StageFile(logging.Handler):  # what densecl.transfer.engine attaches to the detectron2 logger
+    class StageFile(logging.Handler):  # what densecl.transfer.runner attaches to the detectron2 logger
         def emit(self, record):
             file_lines.append(record.getMessage())
 
@@ -43,7 +43,7 @@ def test_detectron2_details_reach_the_stage_file_but_not_the_terminal_unless_ver
             detectron2.info("Starting training from iteration 0")
             with warnings.catch_warnings(record=True) as shown:  # keeps the filters the stage set
                 warnings.warn_explicit("deprecated", FutureWarning, "x.py", 1, module="torch.jit._script")
-                warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="densecl.engine")
+                warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="densecl.training.pretrain")
         assert "Starting training" not in caplog.text and file_lines == ["Starting training from iteration 0"]
         assert [str(w.message) for w in shown] == ["ours"]  # a library's notice hidden, ours kept
         assert logging.getLogger("detectron2").propagate  # restored after the stage

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision import models
 
-from densecl.export import save_backbone
-from densecl.transfer.convert import convert_to_detectron2, infer_arch, read_converted, to_detectron2_keys
+from densecl.weights.detectron2 import convert_to_detectron2, infer_arch, read_converted, to_detectron2_keys
+from densecl.weights.export import save_backbone
 
 
 def _randomised(arch: str) -> torch.nn.Module:
@@ -31,10 +31,10 @@ def test_configs_and_conversion_import_without_detectron2():
     convert stage runs without detectron2; the stage modules import detectron2 at the top."""
     code = (
         "import sys\n"
-        "import densecl.transfer, densecl.transfer.configs, densecl.transfer.layouts\n"
+        "import densecl.transfer, densecl.transfer.settings, densecl.transfer.layouts\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'detectron2'})\n"
         "assert not heavy, f'imported {heavy}'\n"
-        "import densecl.transfer.convert\n"
+        "import densecl.weights.detectron2\n"
         "assert 'detectron2' not in sys.modules, 'convert imported detectron2'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -72,7 +72,7 @@ def test_round_trip_matches_torchvision(tmp_path, arch):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-    from densecl.transfer.weights import load_pretrained
+    from densecl.transfer.pretrained import load_pretrained
 
     net = _randomised(arch)
     src = save_backbone(
@@ -108,7 +108,7 @@ def test_partial_load_is_an_error(tmp_path):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-    from densecl.transfer.weights import load_pretrained
+    from densecl.transfer.pretrained import load_pretrained
 
     net = _randomised("resnet18")
     src = save_backbone(

@@ -4,14 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densecl.checkpoint import load_checkpoint
-from densecl.config import ConfigValueError, DataConfig, PretrainConfig, TrainingConfig
-from densecl.correspondence_eval import ViewPairs, evaluate_correspondence, fixed_view_pairs
-from densecl.datasets import UnlabeledImageFolder
-from densecl.engine import pretrain
-from densecl.matching import geometric_match
-from densecl.model import DenseCL
-from densecl.sampling import build_dataset, with_view_size
+from densecl.data.sampling import with_view_size
+from densecl.data.settings import DataConfig
+from densecl.data.sources import UnlabeledImageFolder
+from densecl.evaluation.correspondence import ViewPairs, evaluate_correspondence, fixed_view_pairs
+from densecl.method.matching import geometric_match
+from densecl.training.checkpoint import load_checkpoint
+from densecl.training.pretrain import build_dataset, model_from_settings, pretrain
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.typed_settings import ConfigValueError
 from tests.test_engine import tiny_config
 
 
@@ -41,7 +42,7 @@ def slow_backbone_accuracy(model, pairs: ViewPairs) -> float:
 def model_and_pairs():
     cfg = tiny_config(crop_size=64)
     torch.manual_seed(0)
-    model = DenseCL.from_config(cfg)
+    model = model_from_settings(cfg)
     model.train()
     pairs = fixed_view_pairs(with_view_size(build_dataset(cfg), 160), 6)
     return model, pairs

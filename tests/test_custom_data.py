@@ -14,9 +14,9 @@ import pytest
 from labelled_sets import CLASSES, write_coco, write_masks, write_voc
 from PIL import Image
 
-from densecl.config import ConfigValueError
-from densecl.transfer.configs import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
 from densecl.transfer.custom import CustomDataError, CustomDataset, prepare, read_dataset
+from densecl.transfer.settings import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
+from densecl.typed_settings import ConfigValueError
 
 MASK_CLASSES = ("background", *CLASSES)
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from densecl.datasets import (
+from densecl.data.augment import TwoViewAugmentation
+from densecl.data.sources import (
     IMAGE_EXTENSIONS,
     SyntheticScenes,
     UnlabeledImageFolder,
     build_pretrain_dataset,
 )
-from densecl.synthetic import generate_scene
-from densecl.transforms import TwoViewAugmentation
+from densecl.data.synthetic import generate_scene
 
 
 def noise_image(seed: int, width: int = 48, height: int = 32) -> Image.Image:

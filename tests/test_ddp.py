@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from densecl.config import BackboneConfig, DataConfig, PretrainConfig, TrainingConfig
+from densecl.data.settings import DataConfig
 from densecl.distributed import DistEnv
-from densecl.engine import prepare_device
+from densecl.method.settings import BackboneConfig
+from densecl.training.pretrain import prepare_device
+from densecl.training.settings import PretrainConfig, TrainingConfig
 
 
 def free_port() -> int:
@@ -23,8 +25,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    import densecl.engine as engine
-    import densecl.model as model_module
+    import densecl.method.model as model_module
+    import densecl.training.pretrain as engine
 
     built, shuffles = [], []
     build_model, shuffle_batch = engine.build_model, model_module.shuffle_batch

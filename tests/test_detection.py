@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from densecl.config import ConfigValueError
-from densecl.transfer.configs import COCODetectionConfig, VOCDetectionConfig
+from densecl.transfer.settings import COCODetectionConfig, VOCDetectionConfig
+from densecl.typed_settings import ConfigValueError
 
 # A few iterations at 96 px with ResNet-18: warm-up and gradient clipping keep random heads finite.
 TINY = dict(
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thr
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    from densecl.synthetic import write_synthetic_dataset
+    from densecl.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("det") / "synthetic"
     write_synthetic_dataset(root, num_train=6, num_val=3, image_size=96, seed=0)
@@ -35,7 +35,7 @@ def synthetic_root(tmp_path_factory):
 def _export_random_backbone(path, arch="resnet18", densecl_checkpoint=False):
     from torchvision import models
 
-    from densecl.export import save_backbone
+    from densecl.weights.export import save_backbone
 
     state = {k: v for k, v in getattr(models, arch)(weights=None).state_dict().items() if not k.startswith("fc.")}
     if densecl_checkpoint:  # the training checkpoint layout: query backbone under encoder_q.backbone.
@@ -75,7 +75,7 @@ def test_evaluators_give_100_for_ground_truth(synthetic_root, tmp_path):
     from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
     from pycocotools import mask as mask_utils
 
-    from densecl.transfer.data import register_datasets
+    from densecl.transfer.catalog import register_datasets
     from densecl.transfer.detection import COCODetectionTrainer, VOCDetectionTrainer
 
     register_datasets(["synthetic_voc_val", "synthetic_coco_val"], synthetic_root=str(synthetic_root))
@@ -113,7 +113,7 @@ def test_tiny_voc_run_from_exported_weights_and_rerun(synthetic_root, tmp_path):
     from densecl.transfer.detection import run_voc_detection
 
     weights = _export_random_backbone(tmp_path / "backbone.pth")
-    cfg = VOCDetectionConfig.synthetic(str(synthetic_root), **TINY)
+    cfg = VOCDetectionConfig.preset("synthetic", synthetic_root=str(synthetic_root), **TINY)
     out = tmp_path / "voc"
     metrics = run_voc_detection(cfg, str(weights), str(out))
     assert set(metrics) == {"AP", "AP50", "AP75"}
@@ -133,7 +133,7 @@ def test_tiny_coco_run_from_densecl_checkpoint(synthetic_root, tmp_path):
     from densecl.transfer.detection import run_coco_detection
 
     weights = _export_random_backbone(tmp_path / "checkpoint.pth", densecl_checkpoint=True)
-    cfg = COCODetectionConfig.synthetic(str(synthetic_root), **TINY)
+    cfg = COCODetectionConfig.preset("synthetic", synthetic_root=str(synthetic_root), **TINY)
     out = tmp_path / "coco"
     metrics = run_coco_detection(cfg, str(weights), str(out))
     for task in ("bbox", "segm"):  # boxes and masks both evaluated; AP averages IoU 0.5-0.95, AP50 the loosest

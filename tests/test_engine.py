@@ -8,23 +8,18 @@ import torch
 import torchvision
 from torch import nn
 
-from densecl.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_trained_model
-from densecl.config import (
-    BackboneConfig,
-    ConfigValueError,
-    DataConfig,
-    MatchingConfig,
-    ModelConfig,
-    PretrainConfig,
-    TrainingConfig,
-)
-from densecl.engine import pretrain
-from densecl.export import load_backbone_weights
-from densecl.model import DenseCL
-from densecl.optim import lr_factor, scaled_lr
+from densecl.data.sampling import ResumableSampler
+from densecl.data.settings import DataConfig
+from densecl.method.model import DenseCL
+from densecl.method.settings import BackboneConfig, MatchingConfig, ModelConfig
 from densecl.resume import SettingsChangedError
-from densecl.sampling import ResumableSampler
-from densecl.trainer import NonFiniteLossError
+from densecl.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from densecl.training.optim import lr_factor
+from densecl.training.pretrain import load_trained_model, pretrain
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.training.trainer import NonFiniteLossError
+from densecl.typed_settings import ConfigValueError
+from densecl.weights.published import load_backbone_weights
 
 
 def tiny_config(model: dict | None = None, matching: str = "backbone", data: DataConfig | None = None,
@@ -45,8 +40,8 @@ def tiny_config(model: dict | None = None, matching: str = "backbone", data: Dat
 
 def test_lr_scales_with_total_batch_and_follows_cosine():
     cfg = tiny_config(base_lr=0.03, batch_size=32)
-    assert scaled_lr(cfg, world_size=8) == pytest.approx(0.03)
-    assert scaled_lr(cfg, world_size=1) == pytest.approx(0.03 / 8)
+    assert cfg.pretrain.scaled_lr(world_size=8) == pytest.approx(0.03)
+    assert cfg.pretrain.scaled_lr(world_size=1) == pytest.approx(0.03 / 8)
     assert lr_factor(0, 100, 0) == pytest.approx(1.0)
     assert lr_factor(50, 100, 0) == pytest.approx(0.5)
     assert lr_factor(100, 100, 0) == pytest.approx(0.0)
@@ -146,28 +141,6 @@ def test_a_checkpoint_from_before_a_new_option_resumes_as_its_default(tmp_path):
     torch.save(state, path)
     with pytest.raises(SettingsChangedError, match="pretrain.bn_splits: 2 then, 1 now"):
         pretrain(tiny_config(iters=6, ckpt_every=100), tmp_path)
-
-
-def test_a_checkpoint_written_before_the_settings_had_sections_resumes(tmp_path):
-    """Checkpoints of earlier versions kept one flat dict of settings (`arch`, `matching`, `iters`, ...):
-    read into sections, the same settings resume and a differing one is refused under its new key."""
-    stops = iter([False, True])
-    cfg = tiny_config(iters=4, ckpt_every=100, model=dict(loss_lambda=0.3))
-    pretrain(cfg, tmp_path, should_stop=lambda: next(stops, False))
-    path = tmp_path / CHECKPOINT_NAME
-    state = load_checkpoint(path)
-    sections = state["config"]
-    flat = {**sections["pretrain"], "arch": sections["backbone"]["arch"], "matching": sections["matching"]["name"],
-            **{k: v for k, v in sections["model"].items() if k != "name"}, "data": sections["data"],
-            "seed": sections["seed"], "device": sections["device"]}
-    for key in ("weights", "figure", "lr_schedule"):
-        del flat[key]
-    state["config"] = flat
-    torch.save(state, path)
-    assert PretrainConfig.from_dict(flat) == cfg
-    with pytest.raises(SettingsChangedError, match="model.loss_lambda: 0.3 then, 0.5 now"):
-        pretrain(tiny_config(iters=4, ckpt_every=100), tmp_path)
-    assert pretrain(cfg, tmp_path).iterations == 4
 
 
 def test_length_in_epochs(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from densecl import files
-from densecl.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from densecl.engine import pretrain
 from densecl.files import DiskFullError, write_atomic, write_json
+from densecl.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from densecl.training.pretrain import pretrain
 from tests.test_engine import tiny_config
 
 
@@ -73,7 +73,7 @@ def test_pretraining_on_a_full_disk_stops_keeps_its_checkpoint_and_resumes_exact
         saved.append(path)
         return real_write(path, write)
 
-    monkeypatch.setattr("densecl.checkpoint.write_atomic", fill_up_after_first)
+    monkeypatch.setattr("densecl.training.checkpoint.write_atomic", fill_up_after_first)
     with pytest.raises(DiskFullError, match=f"into {out}: 1.0 MiB left"):
         pretrain(tiny_config(), out)
     assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 2  # the last good checkpoint is intact

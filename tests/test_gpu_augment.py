@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from densecl.checkpoint import load_checkpoint
-from densecl.config import DataConfig
-from densecl.datasets import load_rgb_image, read_encoded
-from densecl.engine import pretrain
-from densecl.gpu_augment import DeviceTwoViewAugmentation, TwoViewParams, collate_raw, decode_images
-from densecl.sampling import SeededBatchAugmentation, build_dataset
-from densecl.synthetic import generate_scene
-from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD, TwoViewAugmentation
+from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViewAugmentation
+from densecl.data.gpu_augment import DeviceTwoViewAugmentation, TwoViewParams, collate_raw, decode_images
+from densecl.data.sampling import SeededBatchAugmentation
+from densecl.data.settings import DataConfig
+from densecl.data.sources import load_rgb_image, read_encoded
+from densecl.data.synthetic import generate_scene
+from densecl.training.checkpoint import load_checkpoint
+from densecl.training.pretrain import build_dataset, pretrain
 from tests.test_engine import tiny_config
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

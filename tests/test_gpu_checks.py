@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from densecl.engine import warn_if_queue_holds_own_keys
+from densecl.training.pretrain import warn_if_queue_holds_own_keys
 from pipelines import schema
 
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")

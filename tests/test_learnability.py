@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from densecl.synthetic import voc_palette
-from densecl.transfer.configs import SegmentationConfig, VOCDetectionConfig
+from densecl.data.synthetic import voc_palette
+from densecl.transfer.settings import SegmentationConfig, VOCDetectionConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is faster
 
@@ -96,9 +96,9 @@ def test_easy_set_labels_match_its_images(easy_root):
 def test_fcn_from_random_init_segments_the_easy_set(easy_root, tmp_path):
     from densecl.transfer.segmentation import run_semantic_segmentation
 
-    cfg = SegmentationConfig.synthetic(
-        str(easy_root), max_iter=100, ims_per_batch=4, base_lr=0.04, crop_size=64, img_scale=(160, EASY_SIZE),
-        num_workers=0, device="cpu", progress=False,
+    cfg = SegmentationConfig.preset(
+        "synthetic", synthetic_root=str(easy_root), max_iter=100, ims_per_batch=4, base_lr=0.04, crop_size=64,
+        img_scale=(160, EASY_SIZE), num_workers=0, device="cpu", progress=False,
     )  # fmt: skip
     metrics = run_semantic_segmentation(cfg, None, str(tmp_path / "seg"))
     # measured mIoU 89.3 and 84.9 (training seeds 0, 1), every class >= 76; background everywhere gives
@@ -113,9 +113,9 @@ def test_fcn_from_random_init_segments_the_easy_set(easy_root, tmp_path):
 def test_faster_rcnn_from_random_init_detects_the_easy_set(easy_root, tmp_path):
     from densecl.transfer.detection import run_voc_detection
 
-    cfg = VOCDetectionConfig.synthetic(
-        str(easy_root), max_iter=120, ims_per_batch=2, base_lr=0.02, steps=(), warmup_iters=20,
-        min_size_train=(EASY_SIZE,), max_size_train=2 * EASY_SIZE, min_size_test=EASY_SIZE,
+    cfg = VOCDetectionConfig.preset(
+        "synthetic", synthetic_root=str(easy_root), max_iter=120, ims_per_batch=2, base_lr=0.02, steps=(),
+        warmup_iters=20, min_size_train=(EASY_SIZE,), max_size_train=2 * EASY_SIZE, min_size_test=EASY_SIZE,
         max_size_test=2 * EASY_SIZE, roi_batch_size_per_image=8, rpn_pre_nms_topk_train=300,
         rpn_post_nms_topk_train=100, rpn_pre_nms_topk_test=100, rpn_post_nms_topk_test=20,
         detections_per_image=10, num_workers=0, device="cpu", progress=False,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densecl.losses import dense_info_nce, info_nce
+from densecl.method.losses import dense_info_nce, info_nce
 
 
 def unit(*shape, dim):

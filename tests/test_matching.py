@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densecl.matching import (
+from densecl.method.matching import (
     argmax_match,
     cell_centres,
     chance_correspondence_accuracy,

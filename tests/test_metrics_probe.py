@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from densecl.config import ConfigValueError
-from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
-from densecl.probe import LinearProbeConfig, feature_rank, run_linear_probe, scenes
+from densecl.evaluation.metrics import confusion_matrix, segmentation_scores, trivial_miou
+from densecl.evaluation.probe import feature_rank, run_linear_probe, scenes
+from densecl.evaluation.settings import LinearProbeConfig
 from densecl.resume import SettingsChangedError
+from densecl.typed_settings import ConfigValueError
 
 
 def slow_scores(pred, target, num_classes, ignore=255):
@@ -95,8 +96,8 @@ def test_linear_probe_runs_and_caches(tmp_path):
 
 
 def test_linear_probe_rejects_mismatched_weights(tmp_path):
-    from densecl.export import save_backbone
-    from densecl.probe import load_frozen_backbone
+    from densecl.evaluation.probe import load_frozen_backbone
+    from densecl.weights.export import save_backbone
 
     path = save_backbone({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "b.pth", "resnet50")
     with pytest.raises(ValueError, match="holds a resnet50 backbone but the probe was asked for resnet18"):
@@ -108,7 +109,7 @@ def test_probe_classifier_learns_from_informative_features():
     evidence that a low probe score means uninformative features, not a broken probe."""
     import torch.nn.functional as F
 
-    from densecl.probe import fit_and_score, scenes
+    from densecl.evaluation.probe import fit_and_score, scenes
 
     cfg = LinearProbeConfig(image_size=64, input_size=64, num_train=24, num_val=8, epochs=40, batch_size=8, lr=0.5,
                             device="cpu")
@@ -131,7 +132,7 @@ def test_default_learning_rate_converges_within_the_synthetic_presets_schedule()
     labels are a noisy linear function of them, at the same number of steps."""
     import torch.nn.functional as F
 
-    from densecl.probe import train_classifier
+    from densecl.evaluation.probe import train_classifier
 
     torch.manual_seed(0)
     feats = torch.randn(64, 64, 8, 8)
@@ -149,7 +150,7 @@ def test_default_learning_rate_converges_within_the_synthetic_presets_schedule()
 
 
 def test_balanced_class_weights_are_median_frequency_and_zero_for_absent_classes():
-    from densecl.probe import class_weights
+    from densecl.evaluation.probe import class_weights
 
     labels = torch.tensor([0] * 80 + [1] * 16 + [3] * 4)  # class 2 absent; frequencies 0.8, 0.16, 0.04
     weights = class_weights(labels, 4, "balanced")
@@ -162,7 +163,7 @@ def test_balanced_class_weights_are_median_frequency_and_zero_for_absent_classes
 def test_balanced_probe_finds_a_rare_class_that_plain_cross_entropy_ignores():
     """A rare class whose feature only weakly shifts: plain cross-entropy predicts the majority everywhere,
     the balanced probe recovers part of it, which is what lets the probe rank weak backbones."""
-    from densecl.probe import fit_and_score
+    from densecl.evaluation.probe import fit_and_score
 
     gen = torch.Generator().manual_seed(0)
     labels = (torch.rand(64, 8, 8, generator=gen) < 0.05).long()
@@ -201,7 +202,7 @@ def test_feature_rank_matches_slow_reference_and_counts_directions():
 
 
 def test_random_init_trunk_is_a_function_of_the_seed():
-    from densecl.probe import load_frozen_backbone
+    from densecl.evaluation.probe import load_frozen_backbone
 
     first = load_frozen_backbone("resnet18", None, seed=1).state_dict()
     torch.rand(10)  # the global RNG state must not matter

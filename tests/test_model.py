@@ -7,15 +7,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from densecl.config import (
-    BackboneConfig,
-    ConfigValueError,
-    MatchingConfig,
-    ModelConfig,
-    PretrainConfig,
-    TrainingConfig,
-)
-from densecl.model import DenseCL
+from densecl.method.model import DenseCL
+from densecl.method.settings import BackboneConfig, MatchingConfig, ModelConfig
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.typed_settings import ConfigValueError
 
 
 def full_boxes(n, size):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densecl.transfer.layouts import CITYSCAPES_CLASSES, VOC_CLASSES, resolve_dataset
+from densecl.data.voc import VOC_CLASSES
+from densecl.transfer.layouts import CITYSCAPES_CLASSES, resolve_dataset
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # tiny convolutions: one thread is faster
@@ -223,7 +224,7 @@ class Spy:
     def __init__(self, monkeypatch):
         import detectron2.data.build as d2_build
 
-        import densecl.transfer.engine as engine
+        import densecl.transfer.runner as engine
         import densecl.transfer.segmentation as segmentation
 
         self.loaded: list[tuple[tuple[str, ...], list[dict]]] = []

@@ -227,7 +227,7 @@ class Recorder(RunLogger):
 
 @pytest.mark.slow
 def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path):
-    from densecl.engine import pretrain
+    from densecl.training.pretrain import pretrain
 
     cfg = compose_cfg(*TINY, "pretrain.log_every=1", "pretrain.figure.enabled=false", "stages=[pretrain]")
     partial = pretrain(schema.settings(cfg).pretrain_config(), tmp_path / "pretrain", should_stop=lambda: True)
@@ -291,7 +291,7 @@ def test_without_submitit_the_signal_is_left_alone(monkeypatch):
 def test_an_image_folder_reaches_the_engine_and_the_figure(tmp_path):
     from PIL import Image
 
-    from pipelines.stages import _figure_images
+    from densecl.data.sources import first_images
 
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     for i in range(3):
@@ -300,7 +300,8 @@ def test_an_image_folder_reaches_the_engine_and_the_figure(tmp_path):
     cfg = compose_cfg("data=image_folder", f"data.root={tmp_path / 'imgs'}")
     data = schema.settings(cfg).data
     assert (data.kind, data.root) == ("image_folder", str(tmp_path / "imgs"))
-    images = _figure_images(schema.settings(cfg), 2)
+    with pytest.warns(UserWarning, match="skipping broken.png"):
+        images = first_images(data, 2)
     assert [im.size for im in images] == [(48, 40), (48, 40)]
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from densecl.config import ConfigValueError
-from densecl.transfer.configs import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
+from densecl.transfer.settings import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
+from densecl.typed_settings import ConfigValueError
 from pipelines import report, schema
 
 PAPER_STAGES = ("det_voc", "det_coco", "seg_voc", "seg_cityscapes")
@@ -37,8 +37,8 @@ def test_the_synthetic_presets_are_their_own_protocol(group):
 
 VOC = VOCDetectionConfig(num_gpus=8)
 COCO = COCODetectionConfig(num_gpus=8)
-SEG_VOC = SegmentationConfig.voc(num_gpus=4)
-SEG_CITYSCAPES = SegmentationConfig.cityscapes(num_gpus=4)
+SEG_VOC = SegmentationConfig.preset("voc", num_gpus=4)
+SEG_CITYSCAPES = SegmentationConfig.preset("cityscapes", num_gpus=4)
 
 
 @pytest.mark.parametrize(
@@ -155,8 +155,8 @@ def test_eval_released_runs_the_paper_protocols_on_the_given_weights_without_pre
 @pytest.mark.detectron2
 @pytest.mark.parametrize("cfg", [VOC, COCO, SEG_VOC, SEG_CITYSCAPES], ids=["voc", "coco", "seg_voc", "cityscapes"])
 def test_what_no_setting_changes_matches_the_protocol_in_the_built_detectron2_config(cfg, tmp_path):
-    from densecl.transfer.engine import base_d2_config
     from densecl.transfer.protocol import fixed_deviations
+    from densecl.transfer.runner import base_d2_config
 
     d2 = base_d2_config(dataclasses.replace(cfg, device="cpu", num_gpus=1), str(tmp_path))
     assert fixed_deviations(d2) == []

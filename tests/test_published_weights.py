@@ -7,9 +7,10 @@ import pytest
 import torch
 from torchvision import models
 
-from densecl.config import BackboneConfig, PretrainConfig
-from densecl.export import detectron2_name, load_backbone_weights, torchvision_name
-from densecl.transfer.convert import convert_to_detectron2, read_converted, to_detectron2_keys
+from densecl.method.settings import BackboneConfig
+from densecl.training.settings import PretrainConfig
+from densecl.weights.detectron2 import convert_to_detectron2, read_converted, to_detectron2_keys
+from densecl.weights.published import detectron2_name, load_backbone_weights, torchvision_name
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Feature-quality signals during pre-training (densecl.quality): k-NN and image labels against slow
+"""Feature-quality signals during pre-training (densecl.evaluation.quality): k-NN and image labels against slow
 references, the probe and k-NN score features that hold the answer near the top, and the signals leave
 training untouched: the same weights with them as without, curves at 0, every N steps and the end."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_engine import tiny_config
 
-from densecl.engine import pretrain
-from densecl.export import load_backbone_weights
-from densecl.quality import NUM_CLASSES, QualitySet, evaluate_features, image_labels, knn_accuracy
+from densecl.evaluation.quality import NUM_CLASSES, QualitySet, evaluate_features, image_labels, knn_accuracy
+from densecl.training.pretrain import pretrain
+from densecl.weights.published import load_backbone_weights
 
 
 def knn_reference(train_feats, train_labels, val_feats, val_labels, k):
@@ -149,7 +149,7 @@ def test_a_voc_folder_gives_its_first_listed_images_with_their_own_labels(tmp_pa
 
 
 def test_on_voc_features_that_hold_the_answer_score_near_the_top_and_outlines_are_ignored(tmp_path):
-    from densecl.metrics import confusion_matrix, trivial_miou
+    from densecl.evaluation.metrics import confusion_matrix, trivial_miou
 
     data = QualitySet.voc(write_voc2012(tmp_path, num_train=12, num_val=6), 12, 6, input_size=64)
     scores = evaluate_features(ColourEncoder(), data, torch.device("cpu"))
@@ -162,7 +162,7 @@ def test_on_voc_features_that_hold_the_answer_score_near_the_top_and_outlines_ar
 
 
 def test_a_voc_label_neither_class_nor_ignore_and_a_missing_part_are_named(tmp_path):
-    from densecl.quality import QualitySetError
+    from densecl.evaluation.quality import QualitySetError
 
     voc = write_voc2012(tmp_path, bad_value=30)
     with pytest.raises(QualitySetError, match=r"2007_000001\.png holds label values \[30\]; expected 0-20 or 255"):
@@ -173,7 +173,7 @@ def test_a_voc_label_neither_class_nor_ignore_and_a_missing_part_are_named(tmp_p
 
 
 def test_pretraining_scores_the_signals_on_the_voc_folder_it_is_given(tmp_path):
-    from densecl.metrics import confusion_matrix, trivial_miou
+    from densecl.evaluation.metrics import confusion_matrix, trivial_miou
 
     voc = write_voc2012(tmp_path)
     logged = []
@@ -189,7 +189,7 @@ def test_pretraining_scores_the_signals_on_the_voc_folder_it_is_given(tmp_path):
 
 
 def test_the_pipeline_takes_voc_for_the_signals_when_the_data_folder_holds_it(tmp_path):
-    from densecl.config import ConfigValueError
+    from densecl.typed_settings import ConfigValueError
     from pipelines import schema
 
     def resolved(*overrides):

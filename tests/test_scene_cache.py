@@ -1,4 +1,4 @@
-"""The scene cache (densecl.scene_cache): generate_scene's pixels bit for bit, made once, shared by waiting
+"""The scene cache (densecl.data.scene_cache): generate_scene's pixels bit for bit, made once, shared by waiting
 makers, never left half written, and a bad file named; a pre-training reads the same images through it."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import pytest
 import torch
 from test_engine import tiny_config
 
-from densecl import scene_cache
-from densecl.config import DataConfig
-from densecl.datasets import SyntheticScenes
-from densecl.engine import pretrain
-from densecl.export import load_backbone_weights
-from densecl.scene_cache import SceneCacheError, cache_path, cached_scenes
-from densecl.synthetic import generate_scene
+from densecl.data import scene_cache
+from densecl.data.scene_cache import SceneCacheError, cache_path, cached_scenes
+from densecl.data.settings import DataConfig
+from densecl.data.sources import SyntheticScenes
+from densecl.data.synthetic import generate_scene
+from densecl.training.pretrain import pretrain
+from densecl.weights.published import load_backbone_weights
 
 
 def test_cached_pixels_are_the_generated_ones_in_and_out_of_process(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from densecl.config import ConfigValueError
-from densecl.transfer.configs import SegmentationConfig
+from densecl.transfer.settings import SegmentationConfig
+from densecl.typed_settings import ConfigValueError
 
 TINY = dict(
     max_iter=4, ims_per_batch=2, crop_size=64, img_scale=(256, 64), warmup_iters=1, num_workers=0,
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thr
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    from densecl.synthetic import write_synthetic_dataset
+    from densecl.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("seg") / "synthetic"
     write_synthetic_dataset(root, num_train=4, num_val=2, image_size=64, seed=0)
@@ -31,7 +31,7 @@ def synthetic_root(tmp_path_factory):
 
 
 def test_metrics_from_a_confusion_matrix():
-    from densecl.metrics import segmentation_scores
+    from densecl.evaluation.metrics import segmentation_scores
 
     perfect = segmentation_scores(np.diag([5, 3, 0]), ["a", "b", "c"])
     assert perfect["mIoU"] == perfect["mAcc"] == perfect["pAcc"] == perfect["fwIoU"] == 100.0
@@ -45,7 +45,7 @@ def test_metrics_from_a_confusion_matrix():
 
 
 def test_presets_follow_the_protocol():
-    voc, city = SegmentationConfig.voc(), SegmentationConfig.cityscapes()
+    voc, city = SegmentationConfig.preset("voc"), SegmentationConfig.preset("cityscapes")
     assert voc.names() == ("voc_2012_sem_seg_train_aug", "voc_2012_sem_seg_val")
     assert (voc.crop_size, voc.max_iter, voc.base_lr, voc.weight_decay, voc.poly_power, voc.aux_weight) == (
         512, 20000, 0.01, 5e-4, 0.9, 0.4,
@@ -86,7 +86,7 @@ def test_dilated_backbone_has_output_stride_8(depth):
 def test_evaluator_gives_100_for_ground_truth(synthetic_root):
     from detectron2.data import DatasetCatalog
 
-    from densecl.transfer.data import register_datasets
+    from densecl.transfer.catalog import register_datasets
     from densecl.transfer.segmentation import SemSegMetrics, read_label
 
     register_datasets(["synthetic_seg_val"], synthetic_root=str(synthetic_root))
@@ -105,12 +105,12 @@ def test_evaluator_gives_100_for_ground_truth(synthetic_root):
 def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
     from torchvision import models
 
-    from densecl.export import save_backbone
     from densecl.transfer.segmentation import run_semantic_segmentation
+    from densecl.weights.export import save_backbone
 
     state = {k: v for k, v in models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
     weights = save_backbone(state, tmp_path / "backbone.pth", "resnet18")
-    cfg = SegmentationConfig.synthetic(str(synthetic_root), **TINY)
+    cfg = SegmentationConfig.preset("synthetic", synthetic_root=str(synthetic_root), **TINY)
     out = tmp_path / "seg"
     first = run_semantic_segmentation(cfg, str(weights), str(out))
     assert {"mIoU", "fwIoU", "mAcc", "pAcc"} <= set(first)
@@ -143,7 +143,7 @@ def test_tiny_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
 
 @pytest.mark.detectron2
 def test_bf16_autocasts_the_training_forward_only():
-    from densecl.transfer.engine import autocast_training_forward
+    from densecl.transfer.runner import autocast_training_forward
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     keys = list(model.state_dict())
@@ -158,11 +158,12 @@ def test_bf16_autocasts_the_training_forward_only():
 def test_tiny_bf16_run_trains_and_evaluates(synthetic_root, tmp_path):
     from densecl.transfer.segmentation import run_semantic_segmentation
 
-    cfg = SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "eval_period": 0, "amp": "bf16"})
+    cfg = SegmentationConfig.preset("synthetic", synthetic_root=str(synthetic_root),
+                                    **{**TINY, "eval_period": 0, "amp": "bf16"})
     metrics = run_semantic_segmentation(cfg, None, str(tmp_path / "seg"))
     per_class = [v for k, v in metrics.items() if k.startswith("IoU-")]  # the mean is over the classes scored
     assert per_class and metrics["mIoU"] == pytest.approx(sum(per_class) / len(per_class))
     losses = [json.loads(line)["total_loss"] for line in (tmp_path / "seg" / "train_log.json").read_text().splitlines()]
     assert losses and all(math.isfinite(v) for v in losses)
     with pytest.raises(ConfigValueError, match="amp='fp16'"):
-        SegmentationConfig.synthetic(str(synthetic_root), **{**TINY, "amp": "fp16"}).validate()
+        SegmentationConfig.preset("synthetic", synthetic_root=str(synthetic_root), **{**TINY, "amp": "fp16"}).validate()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densecl.transfer.configs import SegmentationConfig
+from densecl.transfer.settings import SegmentationConfig
 
 pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
 H, W = 60, 80
@@ -35,14 +35,15 @@ def coded_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def d2cfg(tmp_path_factory):
     """The segmentation stage's detectron2 config on a tiny synthetic set (for the model and the mappers)."""
-    from densecl.synthetic import write_synthetic_dataset
-    from densecl.transfer.data import register_datasets
+    from densecl.data.synthetic import write_synthetic_dataset
+    from densecl.transfer.catalog import register_datasets
     from densecl.transfer.segmentation import SegmentationTrainer
 
     root = tmp_path_factory.mktemp("geometry") / "synthetic"
     write_synthetic_dataset(root, num_train=1, num_val=1, image_size=64)
-    cfg = SegmentationConfig.synthetic(str(root), crop_size=32, img_scale=(W, H), ratio_range=(1.0, 1.0),
-                                       cat_max_ratio=1.0, photometric=False, device="cpu", slide_stride=20)
+    cfg = SegmentationConfig.preset("synthetic", synthetic_root=str(root), crop_size=32, img_scale=(W, H),
+                                    ratio_range=(1.0, 1.0), cat_max_ratio=1.0, photometric=False, device="cpu",
+                                    slide_stride=20)
     register_datasets(cfg.dataset_names(), synthetic_root=str(root))
     return SegmentationTrainer.build_d2_config(cfg, str(tmp_path_factory.mktemp("out")))
 
@@ -109,8 +110,8 @@ def test_sliding_windows_cover_every_pixel_and_average_where_they_overlap(d2cfg)
 
 
 def test_the_pixel_statistics_are_pre_trainings():
-    from densecl.transfer.engine import PIXEL_MEAN, PIXEL_STD
-    from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from densecl.transfer.runner import PIXEL_MEAN, PIXEL_STD
 
     assert PIXEL_MEAN == pytest.approx([255 * m for m in IMAGENET_MEAN], abs=1e-3)
     assert PIXEL_STD == pytest.approx([255 * s for s in IMAGENET_STD], abs=1e-3)

@@ -5,11 +5,13 @@ import torch
 from torch import nn
 from torchvision import models
 
-from densecl.config import BackboneConfig, ConfigValueError, PretrainConfig, TrainingConfig
 from densecl.distributed import shuffle_batch, unshuffle_batch
-from densecl.export import backbone_state_dict
-from densecl.model import DenseCL
-from densecl.split_bn import SplitBatchNorm2d, convert_split_batchnorm
+from densecl.method.settings import BackboneConfig
+from densecl.method.split_bn import SplitBatchNorm2d, convert_split_batchnorm
+from densecl.training.pretrain import model_from_settings
+from densecl.training.settings import PretrainConfig, TrainingConfig
+from densecl.typed_settings import ConfigValueError
+from densecl.weights.export import backbone_state_dict
 
 
 def split_config(bn_splits: int) -> PretrainConfig:
@@ -113,7 +115,7 @@ def test_model_with_split_bn_trains_and_exports_torchvision_keys():
     torch.manual_seed(0)
     cfg = split_config(bn_splits=4)
     cfg.validate()
-    model = DenseCL.from_config(cfg)
+    model = model_from_settings(cfg)
     assert isinstance(model.encoder_k.backbone.bn1, SplitBatchNorm2d)
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
     out = model(torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64))
@@ -128,7 +130,7 @@ def test_key_encoder_sees_the_batch_shuffled_across_groups():
     """The positive key must be normalised with other images than its query: the key encoder receives a
     permutation of the batch, and its outputs come back in the original order."""
     torch.manual_seed(0)
-    model = DenseCL.from_config(split_config(bn_splits=2))
+    model = model_from_settings(split_config(bn_splits=2))
     seen = []
     model.encoder_k.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     im_k = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 64, 64).contiguous()
@@ -151,9 +153,9 @@ class WhoAmI(nn.Module):
 def test_each_key_stays_aligned_with_its_query_through_the_shuffle(monkeypatch):
     """Shuffle-BN permutes the key batch before the key encoder: unshuffled, key i must come from image i again
     (a wrong unshuffle would pair queries with other images' keys and still train, silently)."""
-    import densecl.model as model_module
+    import densecl.method.model as model_module
 
-    model = DenseCL.from_config(split_config(bn_splits=4))
+    model = model_from_settings(split_config(bn_splits=4))
     model.encoder_k = WhoAmI()
     seen = []
     info_nce = model_module.info_nce

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densecl.synthetic import (
+from densecl.data.synthetic import (
     CLASS_NAMES,
     CLASS_TEXTURES,
     UNTEXTURED_FILLS,
@@ -219,7 +219,7 @@ def test_non_empty_folder_without_meta_is_refused_and_failed_writes_leave_nothin
         write_synthetic_dataset(occupied, num_train=1, num_val=1, image_size=64)
     assert (occupied / "precious.txt").read_text() == "keep me"
 
-    import densecl.synthetic as synthetic
+    import densecl.data.synthetic as synthetic
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -233,7 +233,7 @@ def test_non_empty_folder_without_meta_is_refused_and_failed_writes_leave_nothin
 def test_the_colour_cue_paints_each_class_its_own_colour_on_larger_objects():
     """The default run's easier downstream set: one fixed colour per class (plus the sensor noise), objects of
     the diameters asked for; the default style is untouched by the options."""
-    from densecl.synthetic import CLASS_COLOURS
+    from densecl.data.synthetic import CLASS_COLOURS
 
     scenes = [generate_scene(0, i, 160, "colour", (0.2, 0.45)) for i in range(20)]
     pixels = {c: [] for c in range(len(CLASS_NAMES))}
@@ -255,7 +255,7 @@ def test_the_colour_cue_paints_each_class_its_own_colour_on_larger_objects():
 def test_a_set_records_only_the_options_that_are_not_the_defaults(tmp_path):
     """So that sets written before the options existed are reused as they are, and each style has its own
     folder in the cache."""
-    from densecl.transfer.configs import SyntheticSet
+    from densecl.transfer.settings import SyntheticSet
 
     write_synthetic_dataset(tmp_path / "plain", num_train=1, num_val=1, image_size=64)
     write_synthetic_dataset(tmp_path / "easy", num_train=1, num_val=1, image_size=64, class_cue="colour",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from densecl.config import ConfigValueError
-from densecl.transfer.configs import SegmentationConfig, VOCDetectionConfig
 from densecl.transfer.layouts import DatasetLayoutError, check_dataset, dataset_kind, resolve_dataset
+from densecl.transfer.settings import SegmentationConfig, VOCDetectionConfig
+from densecl.typed_settings import ConfigValueError
 
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    from densecl.synthetic import write_synthetic_dataset
+    from densecl.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(root, num_train=4, num_val=2, image_size=64, seed=0)
@@ -69,8 +69,8 @@ def test_stage_fails_on_missing_data_before_training(tmp_path):
 def test_register_synthetic_sets(synthetic_root):
     from detectron2.data import DatasetCatalog
 
-    from densecl.synthetic import CLASS_NAMES
-    from densecl.transfer.data import class_names, register_datasets
+    from densecl.data.synthetic import CLASS_NAMES
+    from densecl.transfer.catalog import class_names, register_datasets
 
     names = ["synthetic_voc_train", "synthetic_coco_val", "synthetic_seg_val"]
     register_datasets(names, synthetic_root=str(synthetic_root))
@@ -91,7 +91,8 @@ def test_check_data_names_the_missing_folder_and_skips_the_synthetic_set(tmp_pat
     with pytest.raises(ConfigValueError, match="expected layout") as info:
         cfg.check_data()
     assert info.value.key == "data_root" and str(tmp_path / "datasets" / "VOC2007") in str(info.value)
-    SegmentationConfig.synthetic(str(tmp_path / "not-written-yet")).check_data()  # written when the stage runs
+    not_yet = SegmentationConfig.preset("synthetic", synthetic_root=str(tmp_path / "not-written-yet"))
+    not_yet.check_data()  # the synthetic set is written when the stage runs
 
 
 def _touch(path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densecl.transfer.configs import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
+from densecl.transfer.settings import COCODetectionConfig, SegmentationConfig, VOCDetectionConfig
 from tests.test_detection import TINY as DETECTION
 
 pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
@@ -16,7 +16,7 @@ FROZEN = dict(base_lr=0.0, max_iter=1, warmup_iters=0)  # nothing moves the conv
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    from densecl.synthetic import write_synthetic_dataset
+    from densecl.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("load") / "synthetic"
     write_synthetic_dataset(root, num_train=4, num_val=2, image_size=96, seed=0)
@@ -28,7 +28,7 @@ def backbone(tmp_path_factory):
     """A ResNet-18 trunk whose every convolution is distinct from a fresh initialisation's."""
     from torchvision import models
 
-    from densecl.export import save_backbone
+    from densecl.weights.export import save_backbone
 
     torch.manual_seed(123)
     state = {k: v for k, v in models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
@@ -44,7 +44,7 @@ def test_c4_detection_holds_the_trunk_and_res5_of_the_file(synthetic_root, backb
     from densecl.transfer.detection import run_voc_detection
 
     path, state = backbone
-    cfg = VOCDetectionConfig.synthetic(str(synthetic_root), **{**DETECTION, **FROZEN})
+    cfg = VOCDetectionConfig.preset("synthetic", synthetic_root=str(synthetic_root), **{**DETECTION, **FROZEN})
     run_voc_detection(cfg, str(path), str(tmp_path / "voc"))
     model = final_weights(tmp_path / "voc")
     assert torch.equal(model["backbone.stem.conv1.weight"], state["conv1.weight"])
@@ -56,7 +56,7 @@ def test_fpn_detection_holds_the_trunk_of_the_file(synthetic_root, backbone, tmp
     from densecl.transfer.detection import run_coco_detection
 
     path, state = backbone
-    cfg = COCODetectionConfig.synthetic(str(synthetic_root), **{**DETECTION, **FROZEN})
+    cfg = COCODetectionConfig.preset("synthetic", synthetic_root=str(synthetic_root), **{**DETECTION, **FROZEN})
     run_coco_detection(cfg, str(path), str(tmp_path / "coco"))
     model = final_weights(tmp_path / "coco")
     assert torch.equal(model["backbone.bottom_up.stem.conv1.weight"], state["conv1.weight"])
@@ -68,7 +68,8 @@ def test_fcn_segmentation_holds_the_dilated_trunk_of_the_file(synthetic_root, ba
 
     path, state = backbone
     tiny = dict(ims_per_batch=2, crop_size=64, img_scale=(256, 64), num_workers=0, device="cpu")
-    cfg = SegmentationConfig.synthetic(str(synthetic_root), **{**tiny, **FROZEN, "min_lr": 0.0})
+    cfg = SegmentationConfig.preset("synthetic", synthetic_root=str(synthetic_root),
+                                    **{**tiny, **FROZEN, "min_lr": 0.0})
     run_semantic_segmentation(cfg, str(path), str(tmp_path / "seg"))
     model = final_weights(tmp_path / "seg")
     assert torch.equal(model["backbone.stem.conv1.weight"], state["conv1.weight"])

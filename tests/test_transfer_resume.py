@@ -4,34 +4,37 @@ refused (densecl.resume), with fields added since a folder was written counting 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
 
-from densecl.config import ConfigValueError, plain
-from densecl.transfer.configs import STAGE_CONFIGS, SegmentationConfig, SyntheticSet, VOCDetectionConfig
+from densecl.transfer.settings import (
+    COCODetectionConfig,
+    SegmentationConfig,
+    SyntheticSet,
+    VOCDetectionConfig,
+)
+from densecl.typed_settings import ConfigValueError, plain
+from pipelines.registry import STAGES
 
 # ------------------------------------------------------------------------------------------ from_section
-# Expected values derived by running the code before the restructuring (pipelines.schema.downstream_config, with
-# downstream.synthetic = SYNTHETIC and paths.cache_dir = "/cache") on the same sections: each class's defaults,
-# and per case the fields that differ from them. That code wrote the synthetic set itself and left the stage
-# config's synthetic_num_train/num_val/image_size at their defaults (and had no synthetic_seed): those four now
-# describe the set, and are checked separately. Since then, squeezing a schedule (max_iter) also squeezes
-# precise_bn_iters: the cases that squeeze one list the value.
+# Expected values derived by running the code of an earlier layout (presets computed by formula, not written out)
+# on the same sections: each class's defaults, and per case the fields that differ from them. The synthetic set a
+# config describes (`synthetic`) is checked separately.
 SYNTHETIC = SyntheticSet(num_train=96, num_val=32, image_size=160, seed=0)  # conf/downstream/synthetic.yaml
-SET_FIELDS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed")
-# fields added after the restructuring, at their defaults
-ADDED_SINCE = {"progress": True, "synthetic_class_cue": "texture", "synthetic_object_size": (0.1, 0.25),
-               "custom": None, "strict_protocol": False}
+ADDED_SINCE = {"progress": True, "custom": None, "strict_protocol": False}  # fields added since, at their defaults
 ADDED_SINCE_DETECTION = {"score_thresh_test": 0.05}
 
 
 def added_since(cls_name: str) -> dict:
     return {**ADDED_SINCE, **(ADDED_SINCE_DETECTION if "Detection" in cls_name else {})}
+
+
 BASE_DEFAULTS = {
     "VOCDetectionConfig": {
-        "arch": "resnet50", "data_root": "", "synthetic_root": "", "synthetic_num_train": 64, "synthetic_num_val": 16,
-        "synthetic_image_size": 160, "max_iter": 24000, "ims_per_batch": 16, "base_lr": 0.02, "momentum": 0.9,
+        "arch": "resnet50", "data_root": "", "synthetic_root": "",
+        "max_iter": 24000, "ims_per_batch": 16, "base_lr": 0.02, "momentum": 0.9,
         "weight_decay": 0.0001, "steps": (18000, 22000), "warmup_iters": 100, "warmup_factor": 0.001,
         "clip_grad_norm": 0.0, "num_gpus": 1, "device": "auto", "seed": 0, "eval_period": 0,
         "checkpoint_period": 5000, "log_period": 20, "num_workers": 4, "precise_bn": True, "precise_bn_iters": 200,
@@ -42,8 +45,8 @@ BASE_DEFAULTS = {
         "detections_per_image": 100, "extra_norm": True,
     },
     "COCODetectionConfig": {
-        "arch": "resnet50", "data_root": "", "synthetic_root": "", "synthetic_num_train": 64, "synthetic_num_val": 16,
-        "synthetic_image_size": 160, "max_iter": 90000, "ims_per_batch": 16, "base_lr": 0.02, "momentum": 0.9,
+        "arch": "resnet50", "data_root": "", "synthetic_root": "",
+        "max_iter": 90000, "ims_per_batch": 16, "base_lr": 0.02, "momentum": 0.9,
         "weight_decay": 0.0001, "steps": (60000, 80000), "warmup_iters": 1000, "warmup_factor": 0.001,
         "clip_grad_norm": 0.0, "num_gpus": 1, "device": "auto", "seed": 0, "eval_period": 0,
         "checkpoint_period": 5000, "log_period": 20, "num_workers": 4, "precise_bn": True, "precise_bn_iters": 200,
@@ -54,8 +57,8 @@ BASE_DEFAULTS = {
         "detections_per_image": 100, "box_head_convs": 4, "box_head_fcs": 1, "mask_format": "auto",
     },
     "SegmentationConfig": {
-        "arch": "resnet50", "data_root": "", "synthetic_root": "", "synthetic_num_train": 64, "synthetic_num_val": 16,
-        "synthetic_image_size": 160, "max_iter": 20000, "ims_per_batch": 16, "base_lr": 0.01, "momentum": 0.9,
+        "arch": "resnet50", "data_root": "", "synthetic_root": "",
+        "max_iter": 20000, "ims_per_batch": 16, "base_lr": 0.01, "momentum": 0.9,
         "weight_decay": 0.0005, "steps": (), "warmup_iters": 0, "warmup_factor": 0.001, "clip_grad_norm": 0.0,
         "num_gpus": 1, "device": "auto", "seed": 0, "eval_period": 0, "checkpoint_period": 5000, "log_period": 20,
         "num_workers": 4, "precise_bn": False, "precise_bn_iters": 200, "amp": "none", "dataset": "voc",
@@ -148,42 +151,59 @@ CASES = [  # stage, section, the pipeline's (arch, device, seed), the config cla
 
 def _from_section(stage: str, section: dict, arch="resnet18", device="auto", seed=0, **kwargs):
     kwargs = {"synthetic": SYNTHETIC, "cache_dir": "/cache", **kwargs}
-    return STAGE_CONFIGS[stage].from_section(section, arch=arch, device=device, seed=seed, **kwargs)
+    return STAGES[stage].settings.from_section(section, arch=arch, device=device, seed=seed, **kwargs)
 
 
 def _fields(cfg) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in plain(cfg).items()}
+    """The config's fields but the synthetic set it describes (checked on its own)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in plain(cfg).items() if k != "synthetic"}
 
 
-def test_class_defaults_are_those_before_the_restructuring():
-    for cls in {*STAGE_CONFIGS.values()}:
-        expected = {**BASE_DEFAULTS[cls.__name__], "synthetic_seed": 0, **added_since(cls.__name__)}
-        assert _fields(cls()) == expected, cls.__name__
+def test_class_defaults_are_the_protocols():
+    for cls in (VOCDetectionConfig, COCODetectionConfig, SegmentationConfig):
+        assert _fields(cls()) == {**BASE_DEFAULTS[cls.__name__], **added_since(cls.__name__)}, cls.__name__
+        assert cls().synthetic == SyntheticSet()
 
 
 @pytest.mark.parametrize(("stage", "section", "pipeline", "cls_name", "changed"), CASES)
-def test_from_section_gives_the_values_of_before(stage, section, pipeline, cls_name, changed):
+def test_sections_resolve_to_the_values_of_the_formula_presets(stage, section, pipeline, cls_name, changed):
     arch, device, seed = pipeline
     given = copy.deepcopy(section)
     cfg = _from_section(stage, section, arch, device, seed)
     assert section == given  # the section itself is left as it was
     assert type(cfg).__name__ == cls_name
-    got = _fields(cfg)
-    expected = {**BASE_DEFAULTS[cls_name], **added_since(cls_name), **changed}
-    assert {k: v for k, v in got.items() if k not in SET_FIELDS} == {
-        k: v for k, v in expected.items() if k not in SET_FIELDS
-    }
-    assert all(isinstance(getattr(cfg, k), tuple) for k, v in expected.items() if isinstance(v, tuple))
-    if section.get("preset") == "synthetic":  # the set the pipeline wrote then, now described by the config
-        assert (cfg.synthetic_num_train, cfg.synthetic_num_val, cfg.synthetic_image_size, cfg.synthetic_seed) == (
-            96, 32, 160, 0,
-        )  # fmt: skip
-    else:
-        assert {k: got[k] for k in SET_FIELDS} == {**{k: BASE_DEFAULTS[cls_name].get(k) for k in SET_FIELDS[:3]},
-                                                   "synthetic_seed": 0}  # fmt: skip
+    assert _fields(cfg) == {**BASE_DEFAULTS[cls_name], **added_since(cls_name), **changed}
+    assert all(isinstance(getattr(cfg, k), tuple) for k, v in changed.items() if isinstance(v, tuple))
+    assert cfg.synthetic == (SYNTHETIC if section.get("preset") == "synthetic" else SyntheticSet())
 
 
-def test_synthetic_root_is_the_name_of_before(tmp_path):
+def test_a_key_left_none_keeps_the_presets_value():
+    """A pipeline section holds every field, None until set (pipelines.schema.section_schema)."""
+    section = dict.fromkeys(f.name for f in dataclasses.fields(VOCDetectionConfig))
+    assert _from_section("det_voc", {**section, "preset": "synthetic"}) == _from_section("det_voc",
+                                                                                         {"preset": "synthetic"})
+
+
+# The presets written out in full follow the linear rule they claim: the protocol's schedule at batch 8, squeezed.
+RULES = [(VOCDetectionConfig, "synthetic", 8, 2000), (VOCDetectionConfig, "custom", 8, 4000),
+         (COCODetectionConfig, "synthetic", 8, 2000), (COCODetectionConfig, "custom", 8, 4000),
+         (SegmentationConfig, "custom", 8, 4000)]  # fmt: skip
+SCHEDULE = ("ims_per_batch", "base_lr", "max_iter", "steps", "warmup_iters", "eval_period", "checkpoint_period")
+
+
+@pytest.mark.parametrize(("cls", "name", "batch", "iterations"), RULES)
+def test_presets_written_out_follow_the_linear_rule(cls, name, batch, iterations):
+    preset = cls.preset(name)
+    rule = cls().scaled(batch).shortened(iterations)
+    expected = {k: getattr(rule, k) for k in SCHEDULE}
+    if name == "custom":  # evaluated 5 times over its schedule
+        expected["eval_period"] = iterations // 5
+    assert {k: getattr(preset, k) for k in SCHEDULE} == expected
+    # PreciseBN: squeezed with the schedule, but the synthetic presets keep 20 iterations
+    assert preset.precise_bn_iters == (20 if name == "synthetic" else rule.precise_bn_iters)
+
+
+def test_synthetic_root_names_the_set(tmp_path):
     assert SYNTHETIC.root("/cache") == SYNTHETIC_ROOT
     assert SyntheticSet(8, 4, 96, 2).root(tmp_path) == str(tmp_path / "synthetic-v2-8x4-96px-seed2")
 
@@ -193,11 +213,7 @@ def test_synthetic_root_is_the_name_of_before(tmp_path):
     [
         ("det_voc", {"max_iters": 5}, "max_iters", "allowed keys: preset, amp, arch, base_lr"),
         ("det_voc", {"preset": "voc"}, "preset", "allowed: null (the paper's protocol), custom, synthetic"),
-        ("seg_voc", {"preset": "tiny"}, "preset",
-         "allowed: null (the paper's protocol), cityscapes, custom, synthetic, voc"),
-        ("det_voc", {"max_iter": "ten"}, "max_iter", "an integer"),
-        ("det_coco", {"steps": [5, "x"]}, "steps", "a list, each item an integer"),
-        ("seg_voc", {"precise_bn": 1}, "precise_bn", "true or false"),
+        ("seg_voc", {"preset": "tiny"}, "preset", "allowed: null (the paper's protocol), voc, cityscapes, custom"),
         ("det_voc", {"ims_per_batch": 0}, "ims_per_batch", "an integer >= 1"),
         ("det_voc", {"preset": "synthetic", "steps": [1500, 900]}, "steps", "must be increasing"),
         ("seg_cityscapes", {"preset": "cityscapes", "test_mode": "tiled"}, "test_mode", "whole, slide"),
@@ -216,17 +232,17 @@ def test_the_synthetic_preset_needs_the_set():
         _from_section("seg_voc", {"preset": "synthetic"}, synthetic=None)
     assert err.value.key == "preset"
     cfg = _from_section("seg_voc", {"preset": "synthetic"}, synthetic={"num_train": 8, "num_val": 4})
-    assert (cfg.synthetic_num_train, cfg.synthetic_num_val, cfg.synthetic_image_size) == (8, 4, 160)
+    assert (cfg.synthetic.num_train, cfg.synthetic.num_val, cfg.synthetic.image_size) == (8, 4, 160)
 
 
 # ------------------------------------------------------------------------------------------- synthetic set
 @pytest.mark.detectron2
 def test_the_synthetic_set_is_written_once_with_its_own_seed(tmp_path):
-    from densecl.transfer import engine
+    from densecl.transfer import runner as engine
 
     scenes = SyntheticSet(num_train=2, num_val=1, image_size=64, seed=3)
     cfg = _from_section("seg_voc", {"preset": "synthetic"}, seed=7, synthetic=scenes, cache_dir=str(tmp_path))
-    assert (cfg.seed, cfg.synthetic_seed) == (7, 3)
+    assert (cfg.seed, cfg.synthetic.seed) == (7, 3)
     engine._ensure_synthetic(cfg, cfg.dataset_names())
     meta_file = tmp_path / "synthetic-v2-2x1-64px-seed3" / "meta.json"
     written = {p: p.stat().st_mtime_ns for p in meta_file.parent.rglob("*")}
@@ -236,8 +252,11 @@ def test_the_synthetic_set_is_written_once_with_its_own_seed(tmp_path):
     assert (meta["seed"], meta["num_train"], meta["num_val"], meta["image_size"]) == (3, 2, 1, 64)
 
 
-
 # ------------------------------------------------------------------------------------------------- reuse
+def synthetic_seg(data, **overrides) -> SegmentationConfig:
+    return SegmentationConfig.preset("synthetic", synthetic_root=str(data), device="cpu", **overrides)
+
+
 def _write_folder(folder, config: dict, weights=None, finished=False, metrics=None):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "stage_config.json").write_text(json.dumps({"config": config, "weights": weights}))
@@ -249,14 +268,14 @@ def _write_folder(folder, config: dict, weights=None, finished=False, metrics=No
 @pytest.mark.detectron2
 def test_transfer_folder_without_a_later_field_resumes_and_a_changed_amp_is_refused(tmp_path):
     from densecl.resume import Reuse, SettingsChangedError
-    from densecl.transfer.engine import stage_reuse
+    from densecl.transfer.runner import stage_reuse
 
-    cfg = SegmentationConfig.synthetic(str(tmp_path / "data"), device="cpu")
+    cfg = synthetic_seg(tmp_path / "data")
     old = plain(cfg)
-    del old["amp"], old["synthetic_seed"]  # written before these existed: it ran as their defaults
+    del old["amp"], old["synthetic"]["seed"]  # written before these existed: it ran as their defaults
     _write_folder(tmp_path / "out", old)
     assert stage_reuse(cfg, None, tmp_path / "out") is Reuse.RESUME
-    bf16 = SegmentationConfig.synthetic(str(tmp_path / "data"), device="cpu", amp="bf16")
+    bf16 = synthetic_seg(tmp_path / "data", amp="bf16")
     with pytest.raises(SettingsChangedError, match="config.amp: 'none' then, 'bf16' now"):
         stage_reuse(bf16, None, tmp_path / "out")
     assert stage_reuse(cfg, None, tmp_path / "elsewhere") is Reuse.NEW
@@ -268,23 +287,21 @@ def test_a_finished_folder_returns_its_metrics_and_refuses_other_settings(tmp_pa
     from densecl.transfer.segmentation import run_semantic_segmentation
 
     data = tmp_path / "data"  # never written: a finished stage neither trains nor writes the set
-    cfg = SegmentationConfig.synthetic(str(data), device="cpu")
+    cfg = synthetic_seg(data)
     old = plain(cfg)
     del old["amp"]
     metrics = {"mIoU": 12.5, "pAcc": 80.0}
     _write_folder(tmp_path / "out", old, weights="/w/backbone.pth", finished=True, metrics=metrics)
     out = str(tmp_path / "out")
     assert run_semantic_segmentation(cfg, "/w/backbone.pth", out) == metrics
-    faster = SegmentationConfig.synthetic(str(data), device="cpu", num_workers=0, log_period=1, eval_period=5)
+    faster = synthetic_seg(data, num_workers=0, log_period=1, eval_period=5)
     assert run_semantic_segmentation(faster, "/w/backbone.pth", out) == metrics  # result-neutral fields
     with pytest.raises(SettingsChangedError, match="amp"):
-        run_semantic_segmentation(SegmentationConfig.synthetic(str(data), device="cpu", amp="bf16"), "/w/backbone.pth",
-                                  out)  # fmt: skip
+        run_semantic_segmentation(synthetic_seg(data, amp="bf16"), "/w/backbone.pth", out)
     with pytest.raises(SettingsChangedError, match="weights: '/w/backbone.pth' then, None now"):
         run_semantic_segmentation(cfg, None, out)
     with pytest.raises(SettingsChangedError, match="config.max_iter"):
-        run_semantic_segmentation(SegmentationConfig.synthetic(str(data), device="cpu", max_iter=7), "/w/backbone.pth",
-                                  out)  # fmt: skip
+        run_semantic_segmentation(synthetic_seg(data, max_iter=7), "/w/backbone.pth", out)
     assert not data.exists()
 
 
@@ -305,7 +322,7 @@ def test_trainer_classes_travel_to_detectron2_launch_by_reference():
     from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
 
     from densecl.transfer.detection import COCODetectionTrainer, Res5ROIHeadsExtraNorm, VOCDetectionTrainer
-    from densecl.transfer.engine import _worker
+    from densecl.transfer.runner import _worker
     from densecl.transfer.segmentation import DenseCLFCN, SegmentationTrainer
 
     for obj in (VOCDetectionTrainer, COCODetectionTrainer, SegmentationTrainer, _worker):

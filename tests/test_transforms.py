@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD, TwoViewAugmentation
+from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViewAugmentation
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -1,4 +1,5 @@
-"""densecl.visualize: mutual nearest neighbours above a threshold, judged against the crop geometry."""
+"""densecl.evaluation.correspondence_figure: mutual nearest neighbours above a threshold, judged against the crop
+geometry."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densecl import visualize
-from densecl.synthetic import generate_scene
+from densecl.data.synthetic import generate_scene
+from densecl.evaluation import correspondence_figure as visualize
 
 
 def test_mutual_nearest_neighbours_keep_only_mutual_pairs_above_threshold():
@@ -66,7 +67,7 @@ def test_crop_for_display_follows_box_and_flip():
 
 
 def test_correspondence_figure_of_a_real_model(tmp_path):
-    from densecl.model import DenseCL
+    from densecl.method.model import DenseCL
 
     torch.manual_seed(0)
     model = DenseCL(arch="resnet18", queue_len=64, num_regions=4).train()

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from densecl.config import check
 from densecl.files import write_json
+from densecl.typed_settings import check, result
 
 CUSTOM_FORMATS = ("voc", "coco", "masks")
 DETECTION_FORMATS = ("voc", "coco")
@@ -41,18 +41,18 @@ class CustomDataError(ValueError):
 class CustomDataset:
     """Where a labelled set lives and how to read it (`downstream.<stage>.custom`)."""
 
-    format: str = "voc"  # one of CUSTOM_FORMATS
-    root: str | None = None  # the set's folder; every path below is relative to it
-    name: str = ""  # shown in the report and mlflow; "" = the folder's name
-    classes: tuple[str, ...] | None = None  # detection: None = every class the annotations name, sorted
+    format: str = result("voc")  # one of CUSTOM_FORMATS
+    root: str | None = result(None)  # the set's folder; every path below is relative to it
+    name: str = result("")  # shown in the report and mlflow; "" = the folder's name
+    classes: tuple[str, ...] | None = result(None)  # detection: None = every class the annotations name, sorted
     # voc: ImageSets/Main/<train>.txt; masks: a list file of ids ("" = every label PNG); coco: the JSON file.
-    train: str = "train"
-    val: str | None = "val"  # as `train`; None: draw `val_fraction` of the train split with `split_seed`
-    val_fraction: float = 0.0
-    split_seed: int = 0
-    images: str = "JPEGImages"  # coco, masks: the image folder
-    labels: str = "SegmentationClass"  # masks: index or VOC-palette PNGs, one per image, same stem
-    ignore_label: int = 255  # masks: a pixel value neither trained on nor scored
+    train: str = result("train")
+    val: str | None = result("val")  # as `train`; None: draw `val_fraction` of the train split with `split_seed`
+    val_fraction: float = result(0.0)
+    split_seed: int = result(0)
+    images: str = result("JPEGImages")  # coco, masks: the image folder
+    labels: str = result("SegmentationClass")  # masks: index or VOC-palette PNGs, one per image, same stem
+    ignore_label: int = result(255)  # masks: a pixel value neither trained on nor scored
 
     @property
     def display_name(self) -> str:

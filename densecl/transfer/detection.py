@@ -1,6 +1,6 @@
 """Object detection transfer, the paper's protocol on MoCo's detectron2 recipe: VOC Faster R-CNN C4 with an
 extra BN after res5, COCO Mask R-CNN FPN with a 4conv1fc box head. ResNet-18/34 backbones work in both; the
-C4 box head then uses a BasicBlock res5 (512 channels). Configs: densecl.transfer.configs.
+C4 box head then uses a BasicBlock res5 (512 channels). Configs: densecl.transfer.settings.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
-from densecl.transfer.configs import COCODetectionConfig, DetectionConfig, VOCDetectionConfig
-from densecl.transfer.data import class_names
-from densecl.transfer.engine import TransferTrainer, base_d2_config, flat_metrics, run_stage
+from densecl.transfer.catalog import class_names
 from densecl.transfer.layouts import is_custom
+from densecl.transfer.runner import TransferTrainer, base_d2_config, flat_metrics, run_stage
+from densecl.transfer.settings import COCODetectionConfig, DetectionConfig, VOCDetectionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ class COCODetectionTrainer(TransferTrainer):
 def run_voc_detection(cfg: VOCDetectionConfig, weights: str | None, output_dir: str) -> dict[str, float]:
     """Fine-tune Faster R-CNN C4 on VOC (or the synthetic VOC set) and return AP, AP50, AP75.
 
-    weights: None (random init), a file densecl.export.load_backbone_weights accepts (converted inside), or a
-    detectron2 .pkl. Output folder, resume and metrics.json: densecl.transfer.engine."""
+    weights: None (random init), a file densecl.weights.published.load_backbone_weights accepts (converted inside), or a
+    detectron2 .pkl. Output folder, resume and metrics.json: densecl.transfer.runner."""
     if not isinstance(cfg, VOCDetectionConfig):
         raise TypeError(f"run_voc_detection needs a VOCDetectionConfig, got {type(cfg).__name__}")
     return run_stage(VOCDetectionTrainer, cfg, weights, output_dir)

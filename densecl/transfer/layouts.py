@@ -1,12 +1,12 @@
 """Where the transfer stages' data sets live and what their folders must hold: checked before anything is
 built or trained, so that a missing file fails in seconds, naming the path and the expected layout. No
-detectron2 (the pipeline checks data paths while composing configs); densecl.transfer.data registers the
+detectron2 (the pipeline checks data paths while composing configs); densecl.transfer.catalog registers the
 checked sets with detectron2.
 
 Real sets live under one root (`data_root`, default $DETECTRON2_DATASETS or ./datasets) in detectron2's layout
 (_LAYOUT below; VOC12 "train_aug" labels come from mmseg's tools/convert_datasets/voc_aug.py, Cityscapes'
 labelTrainIds from cityscapesscripts' createTrainIdLabelImgs.py). The synthetic set
-(densecl.synthetic.write_synthetic_dataset) registers as synthetic_{voc,coco,seg}_{train,val} from
+(densecl.data.synthetic.write_synthetic_dataset) registers as synthetic_{voc,coco,seg}_{train,val} from
 `synthetic_root`; its semantic labels are 0 = background, class c -> c + 1.
 """
 
@@ -17,14 +17,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from densecl.metrics import IGNORE_INDEX
-from densecl.synthetic import CLASS_NAMES
+from densecl.data.synthetic import CLASS_NAMES
+from densecl.data.voc import VOC_CLASSES
+from densecl.evaluation.metrics import IGNORE_INDEX
 from densecl.transfer.custom import DATASET_FILE, TRAIN_RECORDS, VAL_RECORDS
 
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
@@ -79,7 +76,7 @@ _LAYOUT = {
     "ImageSets/Segmentation/{val.txt, train.txt + aug.txt (or train_aug.txt)}}",
     "cityscapes": "cityscapes/{leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png}",
     "custom": "written by densecl.transfer.custom.prepare(dataset, folder): dataset.json, train.json, val.json",
-    "synthetic": "written by densecl.synthetic.write_synthetic_dataset(root, num_train, num_val): "
+    "synthetic": "written by densecl.data.synthetic.write_synthetic_dataset(root, num_train, num_val): "
     "meta.json, voc/{JPEGImages,Annotations,SegmentationClass,ImageSets}, coco/annotations/instances_SPLIT.json",
 }
 
@@ -227,7 +224,7 @@ def _custom_dataset(folder, split: str, kind: str) -> dict:
 
 
 def resolve_dataset(name: str, data_root=None, synthetic_root=None, custom_root=None) -> dict:
-    """Check the set's files and return what registration needs (densecl.transfer.data); raises
+    """Check the set's files and return what registration needs (densecl.transfer.catalog); raises
     DatasetLayoutError naming the missing path, KeyError for an unknown name. `custom_root`: the folder
     densecl.transfer.custom.prepare wrote the user's set into."""
     spec = _spec(name)
@@ -274,3 +271,25 @@ def resolve_dataset(name: str, data_root=None, synthetic_root=None, custom_root=
 def check_dataset(name: str, data_root=None, synthetic_root=None, custom_root=None) -> None:
     """`resolve_dataset`'s checks alone."""
     resolve_dataset(name, data_root, synthetic_root, custom_root)
+
+
+def count_images(name: str, data_root=None) -> int:
+    """How many images a real data set lists (read from its lists, or its image folder for COCO), without
+    checking each file: what a plan shows. Raises DatasetLayoutError naming a missing list or folder."""
+    spec = _spec(name)
+    root = Path(data_root or default_data_root())
+    if spec.kind == "voc":
+        dirname, split, _ = spec.args
+        return len(_read_ids(root / dirname / "ImageSets" / "Main" / f"{split}.txt", "voc"))
+    if spec.kind == "coco":
+        return sum(1 for _ in _need(root / spec.args[0], "coco").iterdir())
+    family, split = spec.args
+    if family == "voc":
+        seg_lists = root / "VOC2012" / "ImageSets" / "Segmentation"
+        if split == "val":
+            return len(_read_ids(seg_lists / "val.txt", "voc_seg"))
+        if (seg_lists / "train_aug.txt").is_file() and not (seg_lists / "aug.txt").is_file():
+            return len(_read_ids(seg_lists / "train_aug.txt", "voc_seg"))
+        train, aug = (set(_read_ids(seg_lists / f"{name}.txt", "voc_seg")) for name in ("train", "aug"))
+        return len(train | aug)
+    return sum(1 for _ in _need(root / "cityscapes" / "leftImg8bit" / split, "cityscapes").glob("*/*_leftImg8bit.png"))

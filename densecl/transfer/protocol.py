@@ -1,10 +1,11 @@
 """A transfer stage's effective settings against its published protocol (issue: most reproductions below the
 paper come from deviations the user did not notice: a smaller total batch, no SyncBN, no aug set).
 
-Each paper stage has a reference config (`StageConfig.protocol`); every field that changes what is trained
-or how it is scored is compared with it, and SyncBN (what `num_gpus > 1` gives) as `norm`. The synthetic and
-custom presets are their own protocols: nothing to compare. No torch and no detectron2: the pipeline lists
-the deviations while it checks the config, before any job starts.
+Each paper stage has a reference config (`StageConfig.protocol`); every field declared part of the protocol
+(`result(...)`, densecl.typed_settings: what is trained and how it is scored) is compared with it, and SyncBN
+(what `num_gpus > 1` gives) as `norm`. The synthetic and custom presets are their own protocols: nothing to
+compare. No torch and no detectron2: the pipeline lists the deviations while it checks the config, before any
+job starts.
 """
 
 from __future__ import annotations
@@ -13,13 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# Fields that change neither what is trained nor how it is scored (where, how fast, what is logged), the
-# data's location, and those compared in another form (num_gpus as `norm`).
-NOT_PROTOCOL = frozenset({
-    "device", "seed", "num_workers", "progress", "log_period", "checkpoint_period", "eval_period", "data_root",
-    "synthetic_root", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size", "synthetic_seed",
-    "synthetic_class_cue", "synthetic_object_size", "num_gpus", "custom", "strict_protocol",
-})  # fmt: skip
+from densecl.typed_settings import role_of
+
 PAPER, DEVIATES = "paper", "deviates"
 
 
@@ -46,7 +42,7 @@ def compare(cfg: Any, reference: Any, effects: dict[str, str],
     derived = {"norm": (cfg.norm(), reference.norm()), **(derived or {})}
     found = []
     for field in dataclasses.fields(reference):
-        if field.name in NOT_PROTOCOL or field.name in derived:
+        if not getattr(role_of(field), "protocol", False) or field.name in derived:
             continue
         value, expected = getattr(cfg, field.name), getattr(reference, field.name)
         if _plain(value) != _plain(expected):

@@ -1,5 +1,5 @@
 """Semantic segmentation transfer: the DenseCL mmseg fork's fcn_r50-d8 on detectron2's engine (config:
-densecl.transfer.configs.SegmentationConfig).
+densecl.transfer.settings.SegmentationConfig).
 
 Model, on a plain-stem ResNet as in the fork's "ResNetNormal": dilations (1, 1, 2, 4) and strides (1, 2, 1, 1),
 i.e. output stride 8, with contract_dilation (the first block of a dilated stage uses half the dilation); in
@@ -36,11 +36,11 @@ from fvcore.common.param_scheduler import ParamScheduler
 from PIL import Image
 from torch import nn
 
-from densecl.metrics import confusion_matrix, segmentation_scores, trivial_miou
-from densecl.transfer.configs import SegmentationConfig
-from densecl.transfer.data import class_names
-from densecl.transfer.engine import TransferTrainer, base_d2_config, run_stage
+from densecl.evaluation.metrics import confusion_matrix, segmentation_scores, trivial_miou
+from densecl.transfer.catalog import class_names
 from densecl.transfer.layouts import IGNORE_LABEL
+from densecl.transfer.runner import TransferTrainer, base_d2_config, run_stage
+from densecl.transfer.settings import SegmentationConfig
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -6,21 +6,14 @@ import math
 
 import torch
 
-from densecl.config import LrSchedule, PretrainConfig
-
-LR_REFERENCE_BATCH = 256
-
-
-def scaled_lr(cfg: PretrainConfig, world_size: int) -> float:
-    """`pretrain.base_lr` is per 256 images; the total batch scales it linearly."""
-    return cfg.pretrain.base_lr * cfg.pretrain.batch_size * world_size / LR_REFERENCE_BATCH
+from densecl.training.settings import LrSchedule, PretrainConfig
 
 
 def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module, world_size: int) -> torch.optim.SGD:
     params = [p for p in model.encoder_q.parameters() if p.requires_grad]
     train = cfg.pretrain
     return torch.optim.SGD(
-        params, lr=scaled_lr(cfg, world_size), momentum=train.sgd_momentum, weight_decay=train.weight_decay
+        params, lr=train.scaled_lr(world_size), momentum=train.sgd_momentum, weight_decay=train.weight_decay
     )
 
 

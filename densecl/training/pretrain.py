@@ -19,29 +19,23 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from densecl.checkpoint import CHECKPOINT_NAME, load_checkpoint, saved_config
-from densecl.config import Amp, PretrainConfig
-from densecl.correspondence_eval import fixed_view_pairs
+from densecl.data.augment import TwoViewAugmentation
+from densecl.data.gpu_augment import DeviceTwoViewAugmentation, TwoViewParams, collate_raw
+from densecl.data.sampling import ResumableSampler, SeededBatchAugmentation, SeededViews, with_view_size
+from densecl.data.settings import AugmentOn
+from densecl.data.sources import UnlabeledImageFolder, build_pretrain_dataset, read_encoded
 from densecl.distributed import DistEnv, init_distributed, resolve_device
-from densecl.export import backbone_state_dict, save_backbone
+from densecl.evaluation.correspondence import fixed_view_pairs
+from densecl.evaluation.quality import QUALITY_EVALS, QualitySet
 from densecl.files import write_json
-from densecl.gpu_augment import collate_raw
-from densecl.model import DenseCL
-from densecl.optim import build_optimizer, build_scheduler
-from densecl.quality import QUALITY_EVALS, FeatureQuality, QualitySet
+from densecl.method.model import DenseCL
 from densecl.resume import Reuse, reuse
-from densecl.sampling import ResumableSampler, batch_augmentation, build_dataset, with_view_size
-from densecl.trainer import (
-    LogMetrics,
-    NonFiniteLossError,
-    OnStep,
-    PeriodicCheckpoint,
-    ProgressBar,
-    StopWhenAsked,
-    Trainer,
-    autocast_dtype,
-    uses_channels_last,
-)
+from densecl.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, saved_config
+from densecl.training.hooks import FeatureQuality, LogMetrics, PeriodicCheckpoint, ProgressBar, StopWhenAsked
+from densecl.training.optim import build_optimizer, build_scheduler
+from densecl.training.settings import Amp, PretrainConfig
+from densecl.training.trainer import NonFiniteLossError, OnStep, Trainer, autocast_dtype, uses_channels_last
+from densecl.weights.export import backbone_state_dict, save_backbone
 
 BACKBONE_NAME = "backbone.pth"
 METRICS_NAME = "pretrain_metrics.json"
@@ -101,10 +95,34 @@ def prepare_device(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> t
     return device
 
 
+def model_from_settings(cfg: PretrainConfig) -> DenseCL:
+    """The model a pre-training config describes (its values are checked by `cfg.validate()`)."""
+    return DenseCL(
+        arch=cfg.backbone.arch,
+        feat_dim=cfg.model.feat_dim,
+        num_regions=cfg.model.num_regions,
+        queue_len=cfg.pretrain.queue_len,
+        momentum=cfg.model.momentum,
+        temperature=cfg.model.temperature,
+        loss_lambda=cfg.model.loss_lambda,
+        matching=cfg.matching.name,
+        bn_splits=cfg.pretrain.bn_splits,
+    )
+
+
+def load_trained_model(checkpoint_path: str | os.PathLike) -> tuple[DenseCL, PretrainConfig]:
+    """The DenseCL model of a training checkpoint (all weights, queues included), in eval mode."""
+    state = load_checkpoint(Path(checkpoint_path))
+    cfg = saved_config(state)
+    model = model_from_settings(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
 def build_model(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> DenseCL:
     """The same initial weights on every rank (drawn from the seed), placed and laid out for training."""
     torch.manual_seed(cfg.seed)
-    model = DenseCL.from_config(cfg)
+    model = model_from_settings(cfg)
     model.shuffle_bn = cfg.pretrain.shuffle_bn and not cfg.pretrain.sync_bn
     if env.world_size > 1 and cfg.pretrain.sync_bn:
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
@@ -117,6 +135,32 @@ def build_model(cfg: PretrainConfig, env: DistEnv, device: torch.device) -> Dens
     return model
 
 
+def batch_augmentation(cfg: PretrainConfig, rank: int) -> SeededBatchAugmentation | None:
+    """What the trainer applies to each loader batch: nothing for augment_on=cpu (the loader yields views)."""
+    if cfg.data.augment_on != AugmentOn.gpu:
+        return None
+    return SeededBatchAugmentation(DeviceTwoViewAugmentation(cfg.pretrain.crop_size), cfg.seed, rank)
+
+
+def build_dataset(cfg: PretrainConfig) -> SeededViews:
+    """The configured images, each turned into two seeded views of `pretrain.crop_size`; with augment_on=gpu,
+    into the image as read and its two views' boxes and flips (TwoViewParams, batched by gpu_augment.collate_raw)."""
+    data = cfg.data
+    on_gpu = data.augment_on == AugmentOn.gpu
+    base = build_pretrain_dataset(
+        data.kind,
+        transform=(TwoViewParams if on_gpu else TwoViewAugmentation)(cfg.pretrain.crop_size),
+        root=data.root,
+        num_images=data.num_images,
+        image_size=data.image_size,
+        seed=data.seed,
+        cache_dir=data.cache_dir,
+    )
+    if on_gpu and isinstance(base, UnlabeledImageFolder):
+        base.read = read_encoded  # JPEGs stay encoded until the device
+    return SeededViews(base, cfg.seed)
+
+
 def compile_encoders(model: DenseCL) -> None:
     """torch.compile each encoder in place (nn.Module.compile): the parameters and state-dict keys stay the
     module's own (no `_orig_mod.` in checkpoints or the export), the optimiser, the momentum update and a
@@ -126,26 +170,13 @@ def compile_encoders(model: DenseCL) -> None:
     model.encoder_k.compile()
 
 
-def schedule_length(cfg: PretrainConfig, num_images: int, world_size: int) -> tuple[int, int]:
-    """(steps per epoch, total steps); an epoch drops the tail that does not fill a global batch."""
-    global_batch = cfg.pretrain.batch_size * world_size
-    steps_per_epoch = num_images // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the data set has {num_images} images, fewer than one global batch of {global_batch}: "
-            f"lower pretrain.batch_size or add images"
-        )
-    epochs = cfg.pretrain.epochs
-    return steps_per_epoch, cfg.pretrain.iters if epochs is None else epochs * steps_per_epoch
-
-
 def _pretrain(cfg, out_dir: Path, device, env: DistEnv, on_step, should_stop) -> PretrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, backbone_path = out_dir / CHECKPOINT_NAME, out_dir / BACKBONE_NAME
     model = build_model(cfg, env, device)
     optimizer = build_optimizer(cfg, model, env.world_size)
     dataset = build_dataset(cfg)
-    steps_per_epoch, total_steps = schedule_length(cfg, len(dataset), env.world_size)
+    steps_per_epoch, total_steps = cfg.schedule(len(dataset), env.world_size)
     if env.rank == 0:
         warn_if_queue_holds_own_keys(cfg.pretrain.queue_len, len(dataset), total_steps * cfg.pretrain.batch_size
                                      * env.world_size)
@@ -157,7 +188,7 @@ def _pretrain(cfg, out_dir: Path, device, env: DistEnv, on_step, should_stop) ->
     state = load_checkpoint(ckpt_path, device) if ckpt_path.exists() else None
     saved = saved_config(state).to_dict() if state is not None else None
     finished = state is not None and state["step"] == total_steps and backbone_path.exists()
-    decision = reuse(ckpt_path, saved, cfg.to_dict(), finished)
+    decision = reuse(ckpt_path, saved, cfg.to_dict(), finished, schema=PretrainConfig)
     if decision is Reuse.DONE:
         return PretrainResult(dict(state["metrics"]), backbone_path, ckpt_path, total_steps, completed=True)
     if decision is Reuse.RESUME:

@@ -1,5 +1,6 @@
-"""Backbone weights under torchvision's key names, the one layout every downstream tool here reads: written from a
-DenseCL model, and read back from every layout people download (MoCo, OpenSelfSup, mmselfsup, detectron2, ...)."""
+"""Backbone weights read back under torchvision's key names from every layout people download (this project's
+export and training checkpoints, MoCo, OpenSelfSup, mmselfsup, DDP, torchvision, detectron2 .pkl), and the key
+names of detectron2's ResNet."""
 
 from __future__ import annotations
 
@@ -10,30 +11,7 @@ from pathlib import Path
 
 import torch
 
-from densecl.config import PretrainConfig
-from densecl.files import write_atomic
-
-QUERY_BACKBONE_PREFIX = "encoder_q.backbone."
-EXPORT_AUTHOR = "densecl"
-
-
-def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The query backbone's weights, prefix stripped: exactly torchvision's ResNet keys without `fc`."""
-    weights = {
-        key[len(QUERY_BACKBONE_PREFIX) :]: value.detach().cpu().clone()
-        for key, value in model_state.items()
-        if key.startswith(QUERY_BACKBONE_PREFIX)
-    }
-    if not weights:
-        raise KeyError(f"no key starts with {QUERY_BACKBONE_PREFIX!r}: this is not a DenseCL model state")
-    return weights
-
-
-def save_backbone(weights: dict[str, torch.Tensor], path: str | os.PathLike, arch: str | None) -> Path:
-    """Write {'state_dict', 'arch', 'author'} atomically (densecl.files.write_atomic)."""
-    payload = {"state_dict": weights, "arch": arch, "author": EXPORT_AUTHOR}
-    return write_atomic(path, lambda file: torch.save(payload, file))
-
+from densecl.weights.export import QUERY_BACKBONE_PREFIX
 
 # The layouts people download, told apart by the prefix of their keys (the first that holds a `conv1.weight`):
 # what the checkpoint is, and the prefix its backbone's torchvision-named keys carry there.
@@ -79,7 +57,7 @@ def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         if arch is None and isinstance(obj.get("config"), dict):  # a densecl training checkpoint
-            arch = PretrainConfig.from_dict(obj["config"]).backbone.arch
+            arch = obj["config"].get("backbone", {}).get("arch")
     bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path}: the backbone's entries must be tensors; not so for {bad[:5]}")

@@ -28,17 +28,18 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from densecl.config import ARCHS, ConfigValueError, flatten, from_dict, plain
+from densecl.data.synthetic import write_synthetic_dataset
 from densecl.distributed import resolve_device
 from densecl.files import write_json
+from densecl.method.settings import ARCHS
 from densecl.resume import Reuse, reuse
-from densecl.synthetic import write_synthetic_dataset
 from densecl.transfer import custom
-from densecl.transfer.configs import StageConfig
-from densecl.transfer.data import register_datasets
+from densecl.transfer.catalog import register_datasets
 from densecl.transfer.layouts import check_dataset, is_custom
+from densecl.transfer.pretrained import load_pretrained, prepare_weights
 from densecl.transfer.protocol import fixed_deviations
-from densecl.transfer.weights import load_pretrained, prepare_weights
+from densecl.transfer.settings import StageConfig
+from densecl.typed_settings import ConfigValueError, flatten, from_dict, plain
 
 logger = logging.getLogger(__name__)
 data_logger = logging.getLogger("densecl.data")  # the user's set and its classes: shown in the terminal too
@@ -223,7 +224,8 @@ def stage_reuse(cfg: StageConfig, weights: str | None, output_dir: str | os.Path
     output_dir = Path(output_dir).absolute()
     finished = (output_dir / METRICS).is_file() and (output_dir / FINAL_MODEL).is_file()
     current = _settings(plain(cfg), None if weights is None else str(weights))
-    return reuse(output_dir, _saved_settings(output_dir, type(cfg)), current, finished)
+    saved = _saved_settings(output_dir, type(cfg))
+    return reuse(output_dir, saved, current, finished, schema=type(cfg), within="config.")
 
 
 def _ensure_synthetic(cfg: StageConfig, names: list[str]) -> None:
@@ -232,11 +234,9 @@ def _ensure_synthetic(cfg: StageConfig, names: list[str]) -> None:
     if any(n.startswith("synthetic_") for n in names) and cfg.synthetic_root:
         if (Path(cfg.synthetic_root) / "meta.json").is_file():
             return
-        write_synthetic_dataset(
-            cfg.synthetic_root, cfg.synthetic_num_train, cfg.synthetic_num_val,
-            image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed, class_cue=cfg.synthetic_class_cue,
-            object_size=cfg.synthetic_object_size,
-        )  # fmt: skip
+        scenes = cfg.synthetic
+        write_synthetic_dataset(cfg.synthetic_root, scenes.num_train, scenes.num_val, image_size=scenes.image_size,
+                                seed=scenes.seed, class_cue=scenes.class_cue, object_size=scenes.object_size)
 
 
 def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str | None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,39 +20,13 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torchvision import transforms as T
 
-from densecl.config import ARCHS, check, check_positive, plain
+from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from densecl.distributed import resolve_device
+from densecl.evaluation.probe import load_frozen_backbone
+from densecl.evaluation.settings import LinearClassifierConfig
 from densecl.files import write_json
-from densecl.probe import load_frozen_backbone
 from densecl.resume import Reuse, reuse_recorded
-from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-@dataclass
-class LinearClassifierConfig:
-    root: str | None = None  # a folder of class sub-folders of images
-    val_root: str | None = None  # the same classes, to score on; None: val_fraction of root, drawn with seed
-    val_fraction: float = 0.2
-    arch: str = "resnet18"
-    input_size: int = 224
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        check(bool(self.root), "root", self.root, "a folder with one sub-folder of images per class")
-        check(self.arch in ARCHS, "arch", self.arch, f"allowed: {', '.join(ARCHS)}")
-        check(self.val_root is not None or 0 < self.val_fraction < 1, "val_fraction", self.val_fraction,
-              "a fraction in (0, 1) of the images to score on, or a val_root")
-        check_positive(self, "input_size", "epochs", "batch_size")
-        check(self.lr > 0, "lr", self.lr, "allowed: a value > 0")
-
-    def check_data(self) -> None:
-        for key in ("root", "val_root"):
-            folder = getattr(self, key)
-            check(folder is None or Path(folder).is_dir(), key, folder, "an existing folder of class sub-folders")
+from densecl.typed_settings import plain
 
 
 def _folder(root: str, size: int) -> datasets.ImageFolder:

@@ -1,7 +1,7 @@
-"""Every setting of a transfer stage, as flat dataclasses whose defaults are the paper's protocols, plus the
-presets and schedule rescaling the pipeline composes them with. No torch and no detectron2: the pipeline
-builds and checks these in the launching process, before any job starts. Each class checks its own fields in
-`validate`, next to them; every list of choices is defined here once.
+"""Every setting of a transfer stage, as dataclasses whose defaults are the paper's protocols, each class's
+presets written out in full beside it (`PRESETS`), and the linear rescaling of a schedule. No torch and no
+detectron2: the pipeline builds and checks these in the launching process, before any job starts. Each class
+checks its own fields in `validate`, next to them; every list of choices is defined here once.
 """
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from densecl.config import ARCHS, ConfigValueError, check, check_positive, from_dict, plain
-from densecl.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
+from densecl.data.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
+from densecl.method.settings import ARCHS
 from densecl.transfer.custom import (
     DETECTION_FORMATS,
     SEGMENTATION_FORMATS,
@@ -25,8 +23,18 @@ from densecl.transfer.custom import (
     CustomDataset,
     read_dataset,
 )
-from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset, is_custom
+from densecl.transfer.layouts import KNOWN_DATASETS, check_dataset, count_images, is_custom
 from densecl.transfer.protocol import Deviation, compare
+from densecl.typed_settings import (
+    ConfigValueError,
+    check,
+    check_positive,
+    field_values,
+    from_dict,
+    neutral,
+    plain,
+    result,
+)
 
 DEVICES = ("auto", "cuda", "cpu")
 AMP_MODES = ("none", "bf16")  # bf16 autocast around the training forward (GPU, or CPU with AVX512-BF16)
@@ -40,7 +48,7 @@ SEGMENTATION_DATASETS = {  # SegmentationConfig.dataset -> (train set, test set)
     "synthetic": ("synthetic_seg_train", "synthetic_seg_val"),
     "custom": ("custom_seg_train", "custom_seg_val"),  # the user's own set: `custom`
 }
-CUSTOM_EVAL_TIMES = 5  # the custom presets evaluate this many times per schedule: a small set shows its curve
+CUSTOM_MIN_SIZES = tuple(range(320, 513, 32))
 
 
 @dataclass
@@ -48,12 +56,12 @@ class SyntheticSet:
     """The synthetic detection/segmentation set the `synthetic` presets train and evaluate on, written once
     into the cache and shared by every job that asks for the same one."""
 
-    num_train: int = 64
-    num_val: int = 16
-    image_size: int = 160
-    seed: int = 0  # fixed across training seeds, so that those measure training noise alone
-    class_cue: str = "texture"  # what tells classes apart besides shape: texture (as pre-training's), or colour
-    object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION  # object diameters, fractions of the side
+    num_train: int = result(64)
+    num_val: int = result(16)
+    image_size: int = result(160)
+    seed: int = result(0)  # fixed across training seeds, so that those measure training noise alone
+    class_cue: str = result("texture")  # what tells classes apart besides shape: texture (as pre-training's), or colour
+    object_size: tuple[float, float] = result(OBJECT_DIAMETER_FRACTION)  # object diameters, fractions of the side
 
     def root(self, cache_dir: str | Path) -> str:
         """Its folder in `cache_dir`; the generator's format version is in the name, so a newer generator
@@ -76,43 +84,47 @@ class SyntheticSet:
 class StageConfig:
     """The fields every transfer stage has."""
 
-    arch: str = "resnet50"
-    data_root: str = ""  # real data sets; "" = $DETECTRON2_DATASETS or ./datasets
-    # The synthetic set: written at synthetic_root with the four values below when the folder holds none yet
-    # (an existing set there is used as it is).
-    synthetic_root: str = ""
-    synthetic_num_train: int = 64
-    synthetic_num_val: int = 16
-    synthetic_image_size: int = 160
-    synthetic_seed: int = 0  # the scenes' seed, not the training seed
-    synthetic_class_cue: str = "texture"  # densecl.synthetic.generate_scene's class_cue and object_size
-    synthetic_object_size: tuple[float, float] = OBJECT_DIAMETER_FRACTION
-    max_iter: int = 1000
-    ims_per_batch: int = 16  # total over the GPUs
-    base_lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    steps: tuple[int, ...] = ()  # iterations where the lr is multiplied by 0.1
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    clip_grad_norm: float = 0.0  # 0 = no clipping
-    num_gpus: int = 1  # > 1: SyncBN, and detectron2's launch starts one process per GPU
-    device: str = "auto"  # auto: CUDA when available
-    seed: int = 0
-    eval_period: int = 0  # evaluate every N iterations too; 0 = only at the end
-    checkpoint_period: int = 5000
-    log_period: int = 20
-    progress: bool = True  # a tqdm bar of the iterations
-    num_workers: int = 4
-    precise_bn: bool = True
-    precise_bn_iters: int = 200
-    amp: str = "none"  # one of AMP_MODES
-    custom: CustomDataset | None = None  # the user's labelled set, read by the `custom` preset
-    strict_protocol: bool = False  # a deviation from the published protocol is an error, before any work
+    arch: str = result("resnet50")
+    data_root: str = result("", protocol=False)  # real data sets; "" = $DETECTRON2_DATASETS or ./datasets
+    synthetic_root: str = result("", protocol=False)  # the synthetic set's folder: written there when it holds none
+    synthetic: SyntheticSet = result(factory=SyntheticSet, protocol=False)  # what the synthetic set holds
+    max_iter: int = result(1000)
+    ims_per_batch: int = result(16)  # total over the GPUs
+    base_lr: float = result(0.02)
+    momentum: float = result(0.9)
+    weight_decay: float = result(1e-4)
+    steps: tuple[int, ...] = result(())  # iterations where the lr is multiplied by 0.1
+    warmup_iters: int = result(100)
+    warmup_factor: float = result(0.001)
+    clip_grad_norm: float = result(0.0)  # 0 = no clipping
+    num_gpus: int = result(1, protocol=False)  # > 1: SyncBN (compared as `norm`); detectron2 starts a process per GPU
+    device: str = neutral("auto")  # auto: CUDA when available
+    seed: int = result(0, protocol=False)
+    eval_period: int = neutral(0)  # evaluate every N iterations too; 0 = only at the end
+    checkpoint_period: int = neutral(5000)
+    log_period: int = neutral(20)
+    progress: bool = neutral(True)  # a tqdm bar of the iterations
+    num_workers: int = neutral(4)
+    precise_bn: bool = result(True)
+    precise_bn_iters: int = result(200)
+    amp: str = result("none")  # one of AMP_MODES
+    custom: CustomDataset | None = result(None, protocol=False)  # the user's labelled set, read by the `custom` preset
+    strict_protocol: bool = result(False, protocol=False)  # a deviation from the protocol is an error, before any work
 
-    PRESETS: ClassVar[tuple[str, ...]] = ()  # the classmethods `from_section` may call by name (custom: custom_preset)
+    # Each preset's values over the class defaults (the published protocol), written out in full: what the
+    # pipeline's `preset` key names. A section's ims_per_batch and max_iter then rescale them (`scaled`,
+    # `shortened`), its other keys replace them.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # what the pipeline derives itself (from downstream.synthetic and paths.cache_dir): not keys of a section
+    DERIVED: ClassVar[tuple[str, ...]] = ("synthetic_root", "synthetic")
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = ()  # the custom set formats the stage reads
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {}  # documented effects of a deviation, by key
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """The preset `name` (one of PRESETS), with `overrides` replacing its fields."""
+        check(name in cls.PRESETS, "preset", name, f"allowed: null (the paper's protocol), {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
 
     def scaled(self, ims_per_batch: int):
         """Same schedule at another batch size (the linear scaling rule): lr x k, every iteration count / k,
@@ -158,7 +170,10 @@ class StageConfig:
               f"must be divisible by num_gpus={self.num_gpus}")
         check(list(self.steps) == sorted(self.steps) and all(0 < s < self.max_iter for s in self.steps), "steps",
               self.steps, f"must be increasing and inside (0, max_iter={self.max_iter})")
-        check_positive(self, "synthetic_num_train", "synthetic_num_val", "synthetic_image_size")
+        try:
+            self.synthetic.validate()
+        except ConfigValueError as err:
+            raise err.within("synthetic") from None
         self.check_protocol()
         reads_custom = any(is_custom(n) for n in self.dataset_names())
         check(reads_custom == (self.custom is not None), "custom", self.custom,
@@ -206,6 +221,38 @@ class StageConfig:
     def dataset_names(self) -> list[str]:
         raise NotImplementedError
 
+    def input_sizes(self) -> dict[str, Any]:
+        """The image sizes the stage trains and tests at, as a plan shows them."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The resolved numbers a plan shows (pipelines.plan): learning rate, total batch, schedule, input sizes,
+        and each data set with its image count."""
+        return {
+            "lr": self.base_lr,
+            "total_batch": self.ims_per_batch,
+            "norm": f"{self.norm()} over {self.num_gpus} GPU{'s' * (self.num_gpus > 1)}",
+            "iterations": self.max_iter,
+            "lr_steps": list(self.steps),
+            "warmup_iterations": self.warmup_iters,
+            **self.input_sizes(),
+            "amp": self.amp,
+            "data": {name: self._image_count(name) for name in self.dataset_names()},
+        }
+
+    def _image_count(self, name: str) -> str:
+        if name.startswith("synthetic_"):
+            count = self.synthetic.num_val if name.endswith("_val") else self.synthetic.num_train
+            return f"{count} images"
+        try:
+            if is_custom(name):
+                prepared = read_dataset(self.custom)
+                split = prepared.val if name.endswith("_val") else prepared.train
+                return f"{len(split['images']) if isinstance(split, dict) else len(split)} images ({prepared.name})"
+            return f"{count_images(name, self.data_root or None)} images"
+        except (FileNotFoundError, CustomDataError) as err:
+            return f"not readable: {err}"
+
     def check_data(self) -> None:
         """Every real data set the stage reads is in place (the synthetic set is written when the stage runs);
         else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
@@ -224,51 +271,33 @@ class StageConfig:
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], *, arch: str, device: str, seed: int,
-                     synthetic: SyntheticSet | Mapping | None = None, cache_dir: str | None = None) -> StageConfig:
+                     synthetic: SyntheticSet | None = None, cache_dir: str | None = None) -> StageConfig:
         """The stage config a pipeline section describes, validated; errors' keys are relative to the section.
 
-        `preset` names a classmethod of `PRESETS` (absent or None: the paper's protocol, the class defaults);
-        `ims_per_batch` rescales the preset's schedule (`scaled`), `max_iter` squeezes it (`shortened`); every
-        other key replaces the field as given (lists become tuples). arch, device and seed are the pipeline's
+        `preset` names one of PRESETS (absent or None: the paper's protocol, the class defaults); a key set to
+        None keeps the preset's value; `ims_per_batch` rescales the preset's schedule (`scaled`), `max_iter`
+        squeezes it (`shortened`); every other key replaces the field. arch, device and seed are the pipeline's
         unless the section sets them. The synthetic preset reads (and the stage writes, once) the set that
         `synthetic` describes, under `cache_dir`."""
-        values = dict(section)
+        values = {k: v for k, v in section.items() if v is not None}
         preset = values.pop("preset", None)
-        if isinstance(values.get("custom"), Mapping):
-            values["custom"] = from_dict(CustomDataset, values["custom"], "custom.")
-        if synthetic is not None and not isinstance(synthetic, SyntheticSet):
-            synthetic = SyntheticSet(**synthetic)  # e.g. the section as a plain mapping
         fields = sorted(f.name for f in dataclasses.fields(cls))
         for key in sorted(values):
             check(key in fields, key, values[key], f"allowed keys: preset, {', '.join(fields)}")
-        presets = sorted(cls.PRESETS)
-        check(preset is None or preset in presets, "preset", preset,
-              f"allowed: null (the paper's protocol), {', '.join(presets)}")
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            check(_fits(value, hints[key]), key, value, f"allowed: {_describe(hints[key])}")
-        values = {k: tuple(v) if _is_list(v) else v for k, v in values.items()}
-        base_args = {"arch": values.pop("arch", arch), "device": values.pop("device", device),
-                     "seed": values.pop("seed", seed)}
+        values = field_values(cls, values)
+        context = {"arch": values.pop("arch", arch), "device": values.pop("device", device),
+                   "seed": values.pop("seed", seed)}
         batch, iters = values.pop("ims_per_batch", None), values.pop("max_iter", None)
         check(batch is None or batch >= 1, "ims_per_batch", batch, "allowed: an integer >= 1")
         check(iters is None or iters >= 1, "max_iter", iters, "allowed: an integer >= 1")
         if preset == "synthetic":
+            if synthetic is not None and not isinstance(synthetic, SyntheticSet):
+                synthetic = from_dict(SyntheticSet, synthetic, "synthetic.")
             check(synthetic is not None, "preset", preset, "needs downstream.synthetic (the data set to write)")
             if cache_dir is None:
                 raise TypeError("from_section: the synthetic preset needs cache_dir (where the set is written)")
-            base = cls.synthetic(
-                synthetic.root(cache_dir), **base_args, synthetic_num_train=synthetic.num_train,
-                synthetic_num_val=synthetic.num_val, synthetic_image_size=synthetic.image_size,
-                synthetic_seed=synthetic.seed, synthetic_class_cue=synthetic.class_cue,
-                synthetic_object_size=tuple(synthetic.object_size),
-            )  # fmt: skip
-        elif preset == "custom":  # the classmethod has another name: `custom` is the field with the set
-            base = cls.custom_preset(**base_args)
-        elif preset is not None:
-            base = getattr(cls, preset)(**base_args)
-        else:
-            base = cls(**base_args)
+            context.update(synthetic_root=synthetic.root(cache_dir), synthetic=synthetic)
+        base = cls(**context) if preset is None else cls.preset(preset, **context)
         if batch is not None:
             base = base.scaled(batch)
         if iters is not None:
@@ -290,83 +319,34 @@ def _check_custom(dataset_json: str) -> None:
     read_dataset(from_dict(CustomDataset, json.loads(dataset_json)))
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a plain value (what YAML and the command line give) fits a field's type; ints fit floats."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, hint)
-    if value is None:
-        return hint is type(None)
-    if origin is tuple:
-        if not _is_list(value):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
-def _describe(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if dataclasses.is_dataclass(hint):
-        return f"a section with the keys {', '.join(f.name for f in dataclasses.fields(hint))}"
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list, each item {_describe(args[0])}"
-        return f"a list of {len(args)} items, each {_describe(args[0])}"
-    return names.get(hint, str(hint))
-
-
 # ------------------------------------------------------------------------------------------- detection
 @dataclass
 class DetectionConfig(StageConfig):
-    train_datasets: tuple[str, ...] = ()  # names in densecl.transfer.layouts.KNOWN_DATASETS
-    test_dataset: str = ""
-    min_size_train: tuple[int, ...] = (800,)  # short side, one drawn per image
-    max_size_train: int = 1333
-    min_size_test: int = 800
-    max_size_test: int = 1333
-    rpn_pre_nms_topk_train: int = 12000
-    rpn_post_nms_topk_train: int = 2000
-    rpn_pre_nms_topk_test: int = 6000
-    rpn_post_nms_topk_test: int = 1000
-    roi_batch_size_per_image: int = 512
-    detections_per_image: int = 100
-    score_thresh_test: float = 0.05  # boxes scored below it are not reported
+    train_datasets: tuple[str, ...] = result(())  # names in densecl.transfer.layouts.KNOWN_DATASETS
+    test_dataset: str = result("")
+    min_size_train: tuple[int, ...] = result((800,))  # short side, one drawn per image
+    max_size_train: int = result(1333)
+    min_size_test: int = result(800)
+    max_size_test: int = result(1333)
+    rpn_pre_nms_topk_train: int = result(12000)
+    rpn_post_nms_topk_train: int = result(2000)
+    rpn_pre_nms_topk_test: int = result(6000)
+    rpn_post_nms_topk_test: int = result(1000)
+    roi_batch_size_per_image: int = result(512)
+    detections_per_image: int = result(100)
+    score_thresh_test: float = result(0.05)  # boxes scored below it are not reported
 
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = DETECTION_FORMATS
 
     def dataset_names(self) -> list[str]:
         return [*self.train_datasets, self.test_dataset]
 
+    def input_sizes(self) -> dict[str, Any]:
+        return {"train_short_side": list(self.min_size_train), "train_long_side_max": self.max_size_train,
+                "test_short_side": self.min_size_test, "test_long_side_max": self.max_size_test}
+
     def protocol(self) -> DetectionConfig:
         return type(self)(num_gpus=8)
-
-    @classmethod
-    def custom_preset(cls, **overrides):
-        """The user's own set (`custom`): the protocol's model and shape at batch 8 in 4000 iterations,
-        short side 320-512 (test 512), evaluated CUSTOM_EVAL_TIMES times: a small set's schedule, sized by the
-        same max_iter / ims_per_batch knobs."""
-        base = cls(
-            min_size_train=tuple(range(320, 513, 32)), max_size_train=853, min_size_test=512, max_size_test=853,
-            train_datasets=("custom_det_train",), test_dataset="custom_det_val",
-        ).scaled(8).shortened(4000)  # fmt: skip
-        return dataclasses.replace(base, eval_period=base.max_iter // CUSTOM_EVAL_TIMES, **overrides)
 
     def validate(self) -> None:
         super().validate()
@@ -381,28 +361,41 @@ class VOCDetectionConfig(DetectionConfig):
     """Faster R-CNN R50-C4 with MoCo's extra BN after res5, FREEZE_AT 0, PreciseBN: VOC07+12 trainval ->
     VOC07 test, short side 480-800 (test 800), 24k iterations at batch 16."""
 
-    train_datasets: tuple[str, ...] = ("voc_2007_trainval", "voc_2012_trainval")
-    test_dataset: str = "voc_2007_test"
-    min_size_train: tuple[int, ...] = VOC_MIN_SIZES
-    max_iter: int = 24000
-    ims_per_batch: int = 16
-    base_lr: float = 0.02
-    steps: tuple[int, ...] = (18000, 22000)
-    warmup_iters: int = 100
-    extra_norm: bool = True  # a norm layer on the C4 box head's res5 output (MoCo's Res5ROIHeadsExtraNorm)
+    train_datasets: tuple[str, ...] = result(("voc_2007_trainval", "voc_2012_trainval"))
+    test_dataset: str = result("voc_2007_test")
+    min_size_train: tuple[int, ...] = result(VOC_MIN_SIZES)
+    max_iter: int = result(24000)
+    ims_per_batch: int = result(16)
+    base_lr: float = result(0.02)
+    steps: tuple[int, ...] = result((18000, 22000))
+    warmup_iters: int = result(100)
+    extra_norm: bool = result(True)  # a norm layer on the C4 box head's res5 output (MoCo's Res5ROIHeadsExtraNorm)
 
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
         "ims_per_batch": "a total batch under 16 gave VOC AP 48-51 where the released model gives 56.5 at 16 "
         "(DenseCL#6)",
         "norm": "the protocol's BN statistics are SyncBN's, over the total batch of 16",
     }
-
-    PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
-
-    @classmethod
-    def synthetic(cls, root: str, **overrides) -> VOCDetectionConfig:
-        """A CPU-sized run on the synthetic set: the protocol's shape at batch 8 and 160 px images."""
-        return _synthetic_preset(cls, root, "synthetic_voc", overrides)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # The user's own set: the protocol at batch 8 (the linear rule) squeezed into 4000 iterations, short side
+        # 320-512 (test 512), evaluated 5 times.
+        "custom": dict(
+            train_datasets=("custom_det_train",), test_dataset="custom_det_val",
+            min_size_train=CUSTOM_MIN_SIZES, max_size_train=853, min_size_test=512, max_size_test=853,
+            ims_per_batch=8, base_lr=0.01, max_iter=4000, steps=(3000, 3667), warmup_iters=17, precise_bn_iters=17,
+            eval_period=800, checkpoint_period=833,
+        ),
+        # A CPU-sized run on the synthetic set: ResNet-18 on 160 px scenes, fewer proposals and sampled boxes,
+        # gradient clipping (random-init runs diverge without it), the protocol at batch 8 squeezed into 2000
+        # iterations.
+        "synthetic": dict(
+            arch="resnet18", train_datasets=("synthetic_voc_train",), test_dataset="synthetic_voc_val",
+            min_size_train=(128, 160, 192), max_size_train=320, min_size_test=160, max_size_test=320,
+            rpn_post_nms_topk_train=500, rpn_post_nms_topk_test=300, roi_batch_size_per_image=128,
+            ims_per_batch=8, base_lr=0.01, max_iter=2000, steps=(1500, 1833), warmup_iters=8, precise_bn_iters=20,
+            clip_grad_norm=10.0, checkpoint_period=417, num_workers=2,
+        ),
+    }  # fmt: skip
 
 
 @dataclass
@@ -410,67 +403,51 @@ class COCODetectionConfig(DetectionConfig):
     """Mask R-CNN R50-FPN 1x with a 4conv1fc box head and norm in backbone, FPN, box and mask heads:
     coco_2017_train -> coco_2017_val, short side 640-800, 90k iterations at batch 16."""
 
-    train_datasets: tuple[str, ...] = ("coco_2017_train",)
-    test_dataset: str = "coco_2017_val"
-    min_size_train: tuple[int, ...] = COCO_MIN_SIZES
-    rpn_pre_nms_topk_train: int = 2000  # per FPN level
-    rpn_post_nms_topk_train: int = 1000
-    rpn_pre_nms_topk_test: int = 1000
-    rpn_post_nms_topk_test: int = 1000
-    max_iter: int = 90000
-    ims_per_batch: int = 16
-    base_lr: float = 0.02
-    steps: tuple[int, ...] = (60000, 80000)
-    warmup_iters: int = 1000
-    box_head_convs: int = 4
-    box_head_fcs: int = 1
-    mask_format: str = "auto"  # one of MASK_FORMATS
+    train_datasets: tuple[str, ...] = result(("coco_2017_train",))
+    test_dataset: str = result("coco_2017_val")
+    min_size_train: tuple[int, ...] = result(COCO_MIN_SIZES)
+    rpn_pre_nms_topk_train: int = result(2000)  # per FPN level
+    rpn_post_nms_topk_train: int = result(1000)
+    rpn_pre_nms_topk_test: int = result(1000)
+    rpn_post_nms_topk_test: int = result(1000)
+    max_iter: int = result(90000)
+    ims_per_batch: int = result(16)
+    base_lr: float = result(0.02)
+    steps: tuple[int, ...] = result((60000, 80000))
+    warmup_iters: int = result(1000)
+    box_head_convs: int = result(4)
+    box_head_fcs: int = result(1)
+    mask_format: str = result("auto")  # one of MASK_FORMATS
 
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
         "norm": "the protocol has SyncBN in the backbone, FPN, box and mask heads (mmselfsup's detectron2 "
         "configs, a 2fc head without norm, differ here)",
     }
-
-    PRESETS: ClassVar[tuple[str, ...]] = ("custom", "synthetic")
-
-    @classmethod
-    def synthetic(cls, root: str, **overrides) -> COCODetectionConfig:
-        """A CPU-sized run on the synthetic set (ResNet-18, batch 8, 160 px)."""
-        return _synthetic_preset(cls, root, "synthetic_coco", overrides, rpn_pre_nms_topk_train=1000)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # The user's own set: as VOC detection's custom preset, on this stage's schedule (batch 8, 4000
+        # iterations).
+        "custom": dict(
+            train_datasets=("custom_det_train",), test_dataset="custom_det_val",
+            min_size_train=CUSTOM_MIN_SIZES, max_size_train=853, min_size_test=512, max_size_test=853,
+            ims_per_batch=8, base_lr=0.01, max_iter=4000, steps=(2667, 3556), warmup_iters=44, precise_bn_iters=4,
+            eval_period=800, checkpoint_period=222,
+        ),
+        # A CPU-sized run on the synthetic set: as VOC detection's synthetic preset, with fewer proposals per
+        # FPN level, on this stage's schedule (batch 8, 2000 iterations).
+        "synthetic": dict(
+            arch="resnet18", train_datasets=("synthetic_coco_train",), test_dataset="synthetic_coco_val",
+            min_size_train=(128, 160, 192), max_size_train=320, min_size_test=160, max_size_test=320,
+            rpn_pre_nms_topk_train=1000, rpn_post_nms_topk_train=500, rpn_post_nms_topk_test=300,
+            roi_batch_size_per_image=128,
+            ims_per_batch=8, base_lr=0.01, max_iter=2000, steps=(1333, 1778), warmup_iters=22, precise_bn_iters=20,
+            clip_grad_norm=10.0, checkpoint_period=111, num_workers=2,
+        ),
+    }  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
         check(self.mask_format in MASK_FORMATS, "mask_format", self.mask_format,
               f"allowed: {', '.join(MASK_FORMATS)}")
-
-
-# The CPU-sized shape both synthetic detection presets share: ResNet-18 on 160 px scenes, fewer proposals and
-# sampled boxes, gradient clipping (random-init runs diverge without it), batch 8 and 2000 iterations.
-SYNTHETIC_PRESET = dict(
-    arch="resnet18",
-    min_size_train=(128, 160, 192),
-    max_size_train=320,
-    min_size_test=160,
-    max_size_test=320,
-    rpn_post_nms_topk_train=500,
-    rpn_post_nms_topk_test=300,
-    roi_batch_size_per_image=128,
-    precise_bn_iters=20,
-    num_workers=2,
-    clip_grad_norm=10.0,
-)
-
-
-def _synthetic_preset(cls, root: str, prefix: str, overrides: dict, **specific):
-    base = cls(
-        **SYNTHETIC_PRESET,
-        **specific,
-        synthetic_root=str(root),
-        train_datasets=(f"{prefix}_train",),
-        test_dataset=f"{prefix}_val",
-    )
-    short = base.scaled(8).shortened(2000)
-    return dataclasses.replace(short, **{"precise_bn_iters": base.precise_bn_iters, **overrides})
 
 
 # ----------------------------------------------------------------------------------------- segmentation
@@ -480,31 +457,30 @@ class SegmentationConfig(StageConfig):
     VOC12 train_aug -> val, 21 classes, crop 512, 20k iterations at batch 16, whole-image test, poly lr from
     0.01 down to 1e-4, no warm-up."""
 
-    dataset: str = "voc"  # a key of SEGMENTATION_DATASETS: picks train_dataset / test_dataset when those are ""
-    train_dataset: str = ""
-    test_dataset: str = ""
-    crop_size: int = 512
-    img_scale: tuple[int, int] = (2048, 512)  # (long, short) side, times a ratio from ratio_range in training
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75  # random crops retry (up to 10 times) while one class covers more than this
-    photometric: bool = True  # mmseg's PhotoMetricDistortion
-    test_mode: str = "whole"  # one of TEST_MODES: the whole image, or crop_size windows every slide_stride px
-    slide_stride: int = 513
-    align_corners: bool = False
-    head_channels: int = 512  # decode head on C5
-    aux_channels: int = 256  # auxiliary head on C4 (training only)
-    dropout: float = 0.1
-    aux_weight: float = 0.4
-    poly_power: float = 0.9
-    min_lr: float = 1e-4
-    max_iter: int = 20000
-    ims_per_batch: int = 16
-    base_lr: float = 0.01
-    weight_decay: float = 5e-4
-    warmup_iters: int = 0
-    precise_bn: bool = False  # mmseg keeps the training statistics
+    dataset: str = result("voc")  # a key of SEGMENTATION_DATASETS: picks train_dataset / test_dataset when those are ""
+    train_dataset: str = result("")
+    test_dataset: str = result("")
+    crop_size: int = result(512)
+    img_scale: tuple[int, int] = result((2048, 512))  # (long, short) side, times a ratio from ratio_range in training
+    ratio_range: tuple[float, float] = result((0.5, 2.0))
+    cat_max_ratio: float = result(0.75)  # random crops retry (up to 10 times) while one class covers more than this
+    photometric: bool = result(True)  # mmseg's PhotoMetricDistortion
+    test_mode: str = result("whole")  # one of TEST_MODES: the whole image, or crop_size windows every slide_stride px
+    slide_stride: int = result(513)
+    align_corners: bool = result(False)
+    head_channels: int = result(512)  # decode head on C5
+    aux_channels: int = result(256)  # auxiliary head on C4 (training only)
+    dropout: float = result(0.1)
+    aux_weight: float = result(0.4)
+    poly_power: float = result(0.9)
+    min_lr: float = result(1e-4)
+    max_iter: int = result(20000)
+    ims_per_batch: int = result(16)
+    base_lr: float = result(0.01)
+    weight_decay: float = result(5e-4)
+    warmup_iters: int = result(0)
+    precise_bn: bool = result(False)  # mmseg keeps the training statistics
 
-    PRESETS: ClassVar[tuple[str, ...]] = ("cityscapes", "custom", "synthetic", "voc")
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = SEGMENTATION_FORMATS
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
         "ims_per_batch": "VOC segmentation on 2 GPUs (a smaller total batch) reproduced 62 mIoU against 69.4 "
@@ -512,38 +488,30 @@ class SegmentationConfig(StageConfig):
         "data sets": "VOC2012 without the SBD aug set reproduced 46.9 mIoU against 69.4 (DenseCL#19)",
         "norm": "the protocol's BN statistics are SyncBN's, over the total batch",
     }
-
-    @classmethod
-    def voc(cls, **overrides) -> SegmentationConfig:
-        return cls(**overrides)
-
-    @classmethod
-    def cityscapes(cls, **overrides) -> SegmentationConfig:
-        """19 classes, crop 769, 40k iterations at batch 8, sliding-window test, align_corners."""
-        values = dict(
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "voc": {},  # the class defaults
+        # 19 classes, crop 769, 40k iterations at batch 8, sliding-window test, align_corners.
+        "cityscapes": dict(
             dataset="cityscapes", crop_size=769, img_scale=(2049, 1025), test_mode="slide", slide_stride=513,
             align_corners=True, max_iter=40000, ims_per_batch=8,
-        )  # fmt: skip
-        return cls(**{**values, **overrides})
-
-    @classmethod
-    def synthetic(cls, root: str, **overrides) -> SegmentationConfig:
-        """A CPU-sized run on the synthetic set: ResNet-18, 160 px scenes, crop 128, batch 8."""
-        values = dict(
-            dataset="synthetic", synthetic_root=str(root), arch="resnet18", crop_size=128, img_scale=(640, 160),
-            max_iter=2000, ims_per_batch=8, num_workers=2, clip_grad_norm=10.0,
-        )  # fmt: skip
-        return cls(**{**values, **overrides})
-
-    @classmethod
-    def custom_preset(cls, **overrides) -> SegmentationConfig:
-        """The user's own set (`custom`): the VOC protocol at batch 8 in 4000 iterations, crop 384 of images
-        scaled to a 384 px short side (x 0.5-2), evaluated CUSTOM_EVAL_TIMES times."""
-        base = cls(dataset="custom", crop_size=384, img_scale=(1536, 384)).scaled(8).shortened(4000)
-        return dataclasses.replace(base, eval_period=base.max_iter // CUSTOM_EVAL_TIMES, **overrides)
+        ),
+        # The user's own set: the VOC protocol at batch 8 (the linear rule) squeezed into 4000 iterations, crop
+        # 384 of images scaled to a 384 px short side (x 0.5-2), evaluated 5 times.
+        "custom": dict(
+            dataset="custom", crop_size=384, img_scale=(1536, 384),
+            ims_per_batch=8, base_lr=0.005, max_iter=4000, precise_bn_iters=20, eval_period=800,
+            checkpoint_period=1000,
+        ),
+        # A CPU-sized run on the synthetic set: ResNet-18, 160 px scenes, crop 128, batch 8 at the protocol's lr,
+        # 2000 iterations, gradient clipping.
+        "synthetic": dict(
+            dataset="synthetic", arch="resnet18", crop_size=128, img_scale=(640, 160), max_iter=2000,
+            ims_per_batch=8, num_workers=2, clip_grad_norm=10.0,
+        ),
+    }  # fmt: skip
 
     def protocol(self) -> SegmentationConfig:
-        return (self.cityscapes if self.dataset == "cityscapes" else self.voc)(num_gpus=4)
+        return self.preset("cityscapes" if self.dataset == "cityscapes" else "voc", num_gpus=4)
 
     def _derived_protocol_values(self) -> dict:
         # the data sets as names() resolves them ("" means the dataset's own), compared once
@@ -560,6 +528,10 @@ class SegmentationConfig(StageConfig):
     def dataset_names(self) -> list[str]:
         return list(self.names())
 
+    def input_sizes(self) -> dict[str, Any]:
+        return {"train_crop": self.crop_size, "scale_long_short": list(self.img_scale),
+                "train_scale_ratio": list(self.ratio_range), "test_mode": self.test_mode}
+
     def validate(self) -> None:
         super().validate()
         self.names()
@@ -568,12 +540,3 @@ class SegmentationConfig(StageConfig):
             check(value == "" or value in KNOWN_DATASETS, key, value,
                   f"allowed: '' (the dataset's own) or one of {', '.join(KNOWN_DATASETS)}")
         check(self.test_mode in TEST_MODES, "test_mode", self.test_mode, f"allowed: {', '.join(TEST_MODES)}")
-
-
-# The config class of each transfer stage the pipeline runs.
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "det_voc": VOCDetectionConfig,
-    "det_coco": COCODetectionConfig,
-    "seg_voc": SegmentationConfig,
-    "seg_cityscapes": SegmentationConfig,
-}

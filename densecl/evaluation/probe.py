@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,44 +17,16 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from densecl.backbone import ResNetTrunk
-from densecl.config import ARCHS, check, check_positive, plain
+from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from densecl.data.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
 from densecl.distributed import resolve_device
-from densecl.export import load_backbone_weights
+from densecl.evaluation.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores, trivial_miou
+from densecl.evaluation.settings import LinearProbeConfig
 from densecl.files import write_json
-from densecl.metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores, trivial_miou
+from densecl.method.backbone import ResNetTrunk
 from densecl.resume import Reuse, reuse_recorded
-from densecl.synthetic import CLASS_NAMES, VAL_INDEX_OFFSET, generate_scene
-from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-LAYERS = ("c3", "c4", "c5")
-CLASS_WEIGHTINGS = ("none", "balanced")
-
-
-@dataclass
-class LinearProbeConfig:
-    arch: str = "resnet18"
-    layer: str = "c5"  # which stage's features the classifier sees
-    image_size: int = 160  # synthetic scene side (labels at this resolution)
-    input_size: int = 320  # images are resized to this before the backbone: C5 is then a 10x10 grid
-    num_train: int = 512
-    num_val: int = 128
-    data_seed: int = 0  # scene seed: train scenes 0.., val scenes from VAL_INDEX_OFFSET
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.5  # on standardised features; at 0.05, 30 epochs of 4 steps stopped short of the optimum
-    weight_decay: float = 0.0
-    class_weighting: str = "none"  # none | balanced: median-frequency weights, so rare classes are not ignored
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True  # tqdm bars while features are extracted and the classifier is fitted
-
-    def validate(self) -> None:
-        check(self.arch in ARCHS, "arch", self.arch, f"allowed: {', '.join(ARCHS)}")
-        check(self.class_weighting in CLASS_WEIGHTINGS, "class_weighting", self.class_weighting,
-              f"allowed: {', '.join(CLASS_WEIGHTINGS)}")
-        check(self.layer in LAYERS, "layer", self.layer, f"allowed: {', '.join(LAYERS)}")
-        check_positive(self, "image_size", "input_size", "num_train", "num_val", "epochs", "batch_size")
+from densecl.typed_settings import plain
+from densecl.weights.published import load_backbone_weights
 
 
 def load_frozen_backbone(arch: str, weights: str | os.PathLike | None, seed: int = 0) -> ResNetTrunk:

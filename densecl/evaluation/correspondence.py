@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from densecl.matching import chance_correspondence_accuracy, correspondence_accuracy, geometric_match
+from densecl.method.matching import chance_correspondence_accuracy, correspondence_accuracy, geometric_match
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from densecl.config import ARCHS
+from densecl.method.settings import ARCHS
 
 
 class ResNetTrunk(nn.Module):

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from densecl.config import PretrainConfig
 from densecl.files import write_atomic
-from densecl.model import DenseCL
+from densecl.training.settings import PretrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -52,12 +50,3 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def saved_config(state: dict) -> PretrainConfig:
     """The settings a checkpoint was written with; those added since at their defaults."""
     return PretrainConfig.from_dict(state["config"])
-
-
-def load_trained_model(checkpoint_path: str | os.PathLike) -> tuple[DenseCL, PretrainConfig]:
-    """The DenseCL model of a training checkpoint (all weights, queues included), in eval mode."""
-    state = load_checkpoint(Path(checkpoint_path))
-    cfg = saved_config(state)
-    model = DenseCL.from_config(cfg)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg

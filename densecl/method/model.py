@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densecl.backbone import ResNetTrunk
-from densecl.config import Matching, PretrainConfig
 from densecl.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
-from densecl.heads import DenseHead, GlobalHead, pool_to_regions
-from densecl.losses import dense_info_nce, info_nce
-from densecl.matching import (
+from densecl.method.backbone import ResNetTrunk
+from densecl.method.heads import DenseHead, GlobalHead, pool_to_regions
+from densecl.method.losses import dense_info_nce, info_nce
+from densecl.method.matching import (
     argmax_match,
     chance_correspondence_accuracy,
     correspondence_accuracy,
     geometric_match,
     random_match,
 )
-from densecl.split_bn import convert_split_batchnorm
+from densecl.method.settings import Matching
+from densecl.method.split_bn import convert_split_batchnorm
 
 
 class Encoder(nn.Module):
@@ -83,21 +83,6 @@ class DenseCL(nn.Module):
         if self.dense:
             self.register_buffer("queue_dense", F.normalize(torch.randn(feat_dim, queue_len), dim=0))
             self.register_buffer("queue_dense_ptr", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def from_config(cls, cfg: PretrainConfig) -> DenseCL:
-        """The model a pre-training config describes (its values are checked by `cfg.validate()`)."""
-        return cls(
-            arch=cfg.backbone.arch,
-            feat_dim=cfg.model.feat_dim,
-            num_regions=cfg.model.num_regions,
-            queue_len=cfg.pretrain.queue_len,
-            momentum=cfg.model.momentum,
-            temperature=cfg.model.temperature,
-            loss_lambda=cfg.model.loss_lambda,
-            matching=cfg.matching.name,
-            bn_splits=cfg.pretrain.bn_splits,
-        )
 
     def set_query_runner(self, runner: nn.Module | None) -> None:
         """Run the query encoder through `runner` (DDP) while keeping state-dict keys unwrapped."""

@@ -3,7 +3,7 @@
 Following the authors' visualisation (DenseCL#13), a match is a *mutual* nearest neighbour between the two
 views' SxS backbone features (`DenseCL.extract_dense`) whose cosine similarity exceeds a threshold (0.9 in
 the paper). This is for looking only: training matches one-directionally with no threshold. Each match is
-also checked against the geometric truth the crop boxes and flips give (`densecl.matching.geometric_match`):
+also checked against the geometric truth the crop boxes and flips give (`densecl.method.matching.geometric_match`):
 drawn green when the key cell is within one cell of where the query cell's centre really lies, red otherwise.
 Library code: plain tensors and PIL images in, a matplotlib Figure out (no pyplot, no global state).
 """
@@ -18,8 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from densecl.matching import geometric_match, within_one_cell
-from densecl.transforms import TwoViewAugmentation
+from densecl.data.augment import TwoViewAugmentation
+from densecl.method.matching import geometric_match, within_one_cell
 
 
 @dataclass

@@ -3,21 +3,17 @@ preemption, show progress), after detectron2's TrainerBase and its hooks."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from densecl.checkpoint import rng_state, save_checkpoint, set_rng_state
-from densecl.config import Amp, PretrainConfig
-from densecl.correspondence_eval import ViewPairs, evaluate_correspondence
 from densecl.distributed import DistEnv
-from densecl.optim import lambda_at
+from densecl.training.checkpoint import rng_state, save_checkpoint, set_rng_state
+from densecl.training.optim import lambda_at
+from densecl.training.settings import Amp, PretrainConfig
 
 OnStep = Callable[[int, dict[str, float]], None]
 # a loader batch, the device and the step -> (views, boxes, flips) on the device (sampling.SeededBatchAugmentation)
@@ -146,83 +142,3 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, {**self.state_dict(), "rng": states})
         if self.env.world_size > 1:
             dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------- hooks
-
-# averaged over the log window rather than taken at its last step: per-batch values are noisy fractions
-WINDOW_MEAN_METRICS = ("corr_acc", "corr_acc_chance")
-
-
-class LogMetrics(Hook):
-    """Every `log_every` iterations and at the last: the step's losses, window means of the noisy per-batch
-    fractions, lr, λ, throughput and, every `eval_every`, correspondence accuracy on fixed view pairs (also
-    before the first step). Kept as `trainer.metrics`; handed to `on_step` on the main process."""
-
-    def __init__(self, log_every: int, on_step: OnStep | None, eval_pairs: ViewPairs | None = None,
-                 eval_every: int = 0):
-        self.log_every, self.on_step = log_every, on_step
-        self.eval_pairs, self.eval_every = eval_pairs, eval_every
-
-    def before_train(self, trainer: Trainer) -> None:
-        if self.eval_pairs is not None and trainer.step == 0 and self.on_step is not None:
-            self.on_step(0, evaluate_correspondence(trainer.model, self.eval_pairs, trainer.device))
-        self._new_window()
-
-    def _new_window(self) -> None:
-        self.start, self.images = time.perf_counter(), 0
-        self.window: dict[str, list[float]] = {key: [] for key in WINDOW_MEAN_METRICS}
-
-    def after_step(self, trainer: Trainer) -> None:
-        self.images += trainer.batch_images
-        for key, values in self.window.items():
-            if key in trainer.outputs and not torch.isnan(trainer.outputs[key]):
-                values.append(float(trainer.outputs[key]))
-        step = trainer.step
-        if step % self.log_every != 0 and step != trainer.total_steps:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        metrics = {k: float(v) for k, v in trainer.outputs.items() if k not in self.window}
-        metrics.update({k: float(np.mean(v)) for k, v in self.window.items() if v})
-        metrics.update(lr=trainer.optimizer.param_groups[0]["lr"], images_per_sec=self.images / elapsed,
-                       **{"lambda": trainer.loss_lambda})
-        if self.eval_pairs is not None and (step % self.eval_every == 0 or step == trainer.total_steps):
-            metrics.update(evaluate_correspondence(trainer.model, self.eval_pairs, trainer.device))
-        trainer.metrics = metrics
-        if self.on_step is not None and trainer.env.is_main:
-            self.on_step(step, dict(metrics))
-        self._new_window()
-
-
-class PeriodicCheckpoint(Hook):
-    def __init__(self, every: int):
-        self.every = every
-
-    def after_step(self, trainer: Trainer) -> None:
-        if trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            trainer.save_checkpoint()
-
-
-class StopWhenAsked(Hook):
-    """Polls `should_stop` (preemption) after each step, on every rank: when it answers True, checkpoint and
-    stop, so that the requeued run resumes there."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def after_step(self, trainer: Trainer) -> None:
-        if trainer.step < trainer.total_steps and self.should_stop():
-            trainer.save_checkpoint()
-            trainer.stopped = True
-
-
-class ProgressBar(Hook):
-    def before_train(self, trainer: Trainer) -> None:
-        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="pretrain", dynamic_ncols=True)
-
-    def after_step(self, trainer: Trainer) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{float(trainer.outputs['loss']):.3f}", refresh=False)
-
-    def after_train(self, trainer: Trainer) -> None:
-        self.bar.close()

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torchvision import models
 
-from densecl.export import detectron2_name, load_backbone_weights
 from densecl.files import write_atomic
+from densecl.weights.published import detectron2_name, load_backbone_weights
 
 AUTHOR = "densecl"
 BLOCKS_PER_STAGE = {
@@ -95,7 +95,7 @@ def to_detectron2_keys(
 
 
 def convert_to_detectron2(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write `src`'s backbone (anything densecl.export.load_backbone_weights accepts: exported backbone,
+    """Write `src`'s backbone (anything densecl.weights.published.load_backbone_weights accepts: exported backbone,
     densecl training checkpoint, torchvision ImageNet checkpoint) as a detectron2 `.pkl` at `dst`, atomically;
     returns `dst`."""
     dst = Path(dst)

@@ -20,9 +20,9 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
-from densecl.config import DataKind
-from densecl.scene_cache import cached_scenes
-from densecl.synthetic import generate_scene
+from densecl.data.scene_cache import cached_scenes
+from densecl.data.settings import DataConfig, DataKind
+from densecl.data.synthetic import generate_scene
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -186,8 +186,8 @@ class UnlabeledImageFolder(Dataset):
 
 
 class SyntheticScenes(Dataset):
-    """``num_images`` generated scenes (see densecl.synthetic), made on the fly, or read from a uint8 cache made
-    once in ``cache_dir`` (densecl.scene_cache): the same pixels either way."""
+    """``num_images`` generated scenes (see densecl.data.synthetic), made on the fly, or read from a uint8 cache made
+    once in ``cache_dir`` (densecl.data.scene_cache): the same pixels either way."""
 
     def __init__(self, num_images: int, image_size: int = 160, seed: int = 0,
                  transform: Callable[[Image.Image], Any] | None = None, cache_dir: str | os.PathLike | None = None):
@@ -242,3 +242,23 @@ def build_pretrain_dataset(kind: str, transform: Callable[[Image.Image], Any] | 
                              f"images), got root={root!r}")
         return UnlabeledImageFolder(root, transform=transform)
     raise ValueError(f"build_pretrain_dataset: unknown kind {kind!r}; expected one of {[k.value for k in DataKind]}")
+
+
+def first_images(data: DataConfig, count: int) -> list[Image.Image]:
+    """The first `count` images of the configured source (scenes, or the files found walking the folder, a
+    broken file skipped with a warning): what the correspondence figure shows."""
+    if data.kind == DataKind.synthetic:
+        return [generate_scene(data.seed, i, data.image_size).image for i in range(min(count, data.num_images))]
+    images = []
+    for folder, subfolders, files in os.walk(data.root):  # lazily: ImageNet has a million files
+        subfolders.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                images.append(load_rgb_image(os.path.join(folder, name)))
+            except Exception as err:  # a broken file is not worth losing the figure over
+                warnings.warn(f"figure: skipping {name} ({err})", stacklevel=2)
+            if len(images) == count:
+                return images
+    return images

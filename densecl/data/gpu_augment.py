@@ -1,8 +1,8 @@
-"""The MoCo-v2 two-view augmentation of densecl.transforms, batched on the training device (data.augment_on=gpu).
+"""The MoCo-v2 two-view augmentation of densecl.data.augment, batched on the training device (data.augment_on=gpu).
 
 Why: at a few hundred images per second and GPU, PIL in the data-loader workers becomes the bottleneck. The work
 is split where the randomness allows it:
-  - in the workers (TwoViewParams): nothing but reading. A JPEG stays encoded (densecl.datasets.read_encoded),
+  - in the workers (TwoViewParams): nothing but reading. A JPEG stays encoded (densecl.data.sources.read_encoded),
     other images arrive as uint8 (3, H, W); both views' crop boxes and flips are drawn there from the sample's
     seed, with torchvision's RandomResizedCrop.get_params as the PIL path, from the size alone;
   - on the device (DeviceTwoViewAugmentation): JPEG decoding (nvjpeg on CUDA); each crop resized by torchvision's
@@ -35,8 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from densecl.datasets import EncodedJpeg, load_rgb_image, to_rgb
-from densecl.transforms import (
+from densecl.data.augment import (
     BLUR_PROBABILITY,
     BLUR_SIGMA_RANGE,
     COLOR_JITTER_PROBABILITY,
@@ -45,6 +44,7 @@ from densecl.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
 )
+from densecl.data.sources import EncodedJpeg, load_rgb_image, to_rgb
 
 RawImage = Tensor | EncodedJpeg  # uint8 (3, H, W), or a JPEG still encoded
 BLUR_KERNEL = 2 * round(3 * BLUR_SIGMA_RANGE[1]) + 1  # covers 3 sigma of the widest blur either side: 13
@@ -62,7 +62,7 @@ class TwoViewParams:
 
     ``__call__`` returns ``(image, boxes, flips)``: image uint8 (3, H, W) or an EncodedJpeg; boxes float32 (2, 4)
     as (x0, y0, x1, y1) in the image's pixels; flips bool (2,). Every draw comes from torch's global generator,
-    which densecl.sampling.SeededViews seeds per sample.
+    which densecl.data.sampling.SeededViews seeds per sample.
     """
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.2, 1.0)):
@@ -192,7 +192,7 @@ class DeviceTwoViewAugmentation:
     """The device's part: RawBatch -> (views, boxes, flips), as TwoViewAugmentation's batches.
 
     Random draws (kornia's, on torch's CPU generator) come from the global generator: seed it around each call
-    for reproducible batches (densecl.sampling.SeededBatchAugmentation does, per step).
+    for reproducible batches (densecl.data.sampling.SeededBatchAugmentation does, per step).
     """
 
     def __init__(self, size: int = 224):

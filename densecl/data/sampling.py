@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from densecl.config import AugmentOn, PretrainConfig
-from densecl.datasets import UnlabeledImageFolder, build_pretrain_dataset, load_rgb_image, read_encoded
-from densecl.gpu_augment import DeviceTwoViewAugmentation, RawBatch, TwoViewParams
-from densecl.transforms import TwoViewAugmentation
+from densecl.data.augment import TwoViewAugmentation
+from densecl.data.gpu_augment import DeviceTwoViewAugmentation, RawBatch
+from densecl.data.sources import UnlabeledImageFolder, load_rgb_image
 
 SAMPLE_STREAM, ORDER_STREAM, BATCH_STREAM = 0, 1, 2
 
@@ -93,32 +92,6 @@ class SeededBatchAugmentation:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(BATCH_STREAM, self.seed, step, self.rank))
             return self.augment(batch, device)
-
-
-def batch_augmentation(cfg: PretrainConfig, rank: int) -> SeededBatchAugmentation | None:
-    """What the trainer applies to each loader batch: nothing for augment_on=cpu (the loader yields views)."""
-    if cfg.data.augment_on != AugmentOn.gpu:
-        return None
-    return SeededBatchAugmentation(DeviceTwoViewAugmentation(cfg.pretrain.crop_size), cfg.seed, rank)
-
-
-def build_dataset(cfg: PretrainConfig) -> SeededViews:
-    """The configured images, each turned into two seeded views of `pretrain.crop_size`; with augment_on=gpu,
-    into the image as read and its two views' boxes and flips (TwoViewParams, batched by gpu_augment.collate_raw)."""
-    data = cfg.data
-    on_gpu = data.augment_on == AugmentOn.gpu
-    base = build_pretrain_dataset(
-        data.kind,
-        transform=(TwoViewParams if on_gpu else TwoViewAugmentation)(cfg.pretrain.crop_size),
-        root=data.root,
-        num_images=data.num_images,
-        image_size=data.image_size,
-        seed=data.seed,
-        cache_dir=data.cache_dir,
-    )
-    if on_gpu and isinstance(base, UnlabeledImageFolder):
-        base.read = read_encoded  # JPEGs stay encoded until the device
-    return SeededViews(base, cfg.seed)
 
 
 def with_view_size(dataset: SeededViews, crop_size: int) -> SeededViews:

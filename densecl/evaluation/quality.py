@@ -11,7 +11,6 @@ a run with the signals gives the same weights as one without.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from densecl.backbone import ResNetTrunk
-from densecl.config import missing_voc_files
-from densecl.metrics import IGNORE_INDEX
-from densecl.probe import LinearProbeConfig, fit_and_score, scenes
-from densecl.synthetic import CLASS_NAMES
-from densecl.trainer import Hook, Trainer
-from densecl.transfer.layouts import VOC_CLASSES
-from densecl.transforms import IMAGENET_MEAN, IMAGENET_STD
+from densecl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from densecl.data.synthetic import CLASS_NAMES
+from densecl.data.voc import VOC_CLASSES, missing_segmentation_parts
+from densecl.evaluation.metrics import IGNORE_INDEX
+from densecl.evaluation.probe import fit_and_score, scenes
+from densecl.evaluation.settings import LinearProbeConfig
+from densecl.method.backbone import ResNetTrunk
 
 NUM_CLASSES = len(CLASS_NAMES) + 1  # the scenes': background + their classes
 VOC_NUM_CLASSES = len(VOC_CLASSES) + 1  # background + VOC's 20
@@ -62,7 +60,7 @@ class QualitySet:
         labels (SegmentationClass): images resized to input_size (square, as the scenes), labels to half of it
         by nearest neighbour, VOC's 255 outlines left as ignored pixels."""
         root = Path(root)
-        missing = missing_voc_files(root)
+        missing = missing_segmentation_parts(root)
         if missing:
             raise QualitySetError(f"{root}: not a VOC2012 segmentation folder, it lacks {', '.join(missing)}")
         splits = []
@@ -155,26 +153,3 @@ def evaluate_features(backbone: ResNetTrunk, data: QualitySet, device: torch.dev
         "knn_acc": knn_accuracy(train_c5, train_classes, val_c5, val_classes),
         "knn_acc_chance": chance,
     }
-
-
-class FeatureQuality(Hook):
-    """Scores the query backbone before the first step, every `every` steps and at the last (main process),
-    logs the figures through `on_step` and adds them to `trainer.metrics`."""
-
-    def __init__(self, data: QualitySet, every: int, on_step: Callable | None, seed: int = 0):
-        self.data, self.every, self.on_step, self.seed = data, every, on_step, seed
-
-    def before_train(self, trainer: Trainer) -> None:
-        if trainer.step == 0:
-            self._score(trainer, 0)
-
-    def after_step(self, trainer: Trainer) -> None:
-        if trainer.step % self.every == 0 or trainer.step == trainer.total_steps:
-            self._score(trainer, trainer.step)
-
-    def _score(self, trainer: Trainer, step: int) -> None:
-        metrics = evaluate_features(trainer.model.encoder_q.backbone, self.data, trainer.device, self.seed)
-        if step == trainer.total_steps:
-            trainer.metrics = {**trainer.metrics, **metrics}
-        if self.on_step is not None:
-            self.on_step(step, dict(metrics))

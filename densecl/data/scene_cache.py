@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densecl.synthetic import FORMAT_VERSION, generate_scene
+from densecl.data.synthetic import FORMAT_VERSION, generate_scene
 
 log = logging.getLogger(__name__)
 

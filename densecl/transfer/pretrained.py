@@ -12,7 +12,7 @@ from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from densecl.transfer.convert import convert_to_detectron2, read_converted
+from densecl.weights.detectron2 import convert_to_detectron2, read_converted
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ _HEAD_ONLY = re.compile(r"(^|\.)res5\.norm\.")
 
 
 def prepare_weights(weights: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
-    """None (random init) stays None; a `.pkl` is used as it is; anything densecl.export.load_backbone_weights
-    accepts (exported backbone, densecl checkpoint, torchvision ImageNet checkpoint) is converted into
+    """None (random init) stays None; a `.pkl` is used as it is; anything
+    densecl.weights.published.load_backbone_weights accepts (exported backbone, densecl checkpoint, torchvision
+    ImageNet checkpoint) is converted into
     `output_dir/pretrained_backbone.pkl`."""
     if weights is None or str(weights) == "":
         return None

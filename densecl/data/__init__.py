@@ -1,0 +1,1 @@
+"""Unlabelled images for pre-training and their two views: synthetic scenes, image folders, augmentation."""

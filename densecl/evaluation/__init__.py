@@ -1,0 +1,1 @@
+"""Judging features without fine-tuning: segmentation metrics, linear probes, k-NN, correspondences."""

@@ -1,0 +1,1 @@
+"""Pre-training: the run around the step loop, its hooks, optimiser, schedule and checkpoints."""

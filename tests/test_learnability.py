@@ -11,7 +11,6 @@ defect"), with margin below them and far above what the planted bugs reached.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,25 +123,3 @@ def test_faster_rcnn_from_random_init_detects_the_easy_set(easy_root, tmp_path):
     # measured AP50 63.7 and 61.5 (training seeds 0, 1); training boxes shifted right by 40% of their width
     # gave 11.9, class ids off by one (the two classes swapped) 4.2; nothing detected scores 0
     assert metrics["AP50"] >= 40, metrics
-
-
-def test_segmentation_fit_benchmark_trains_the_groups_stage_and_scores_its_training_set(tmp_path, monkeypatch):
-    """benchmarks/segmentation_fit.py (docs/benchmarks.md, "Segmentation: task or defect"): each run is the
-    `synthetic` group's seg_voc stage on the named set, evaluated on that set's training split."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "segmentation_fit.py"
-    spec = importlib.util.spec_from_file_location("segmentation_fit", path)
-    fit = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, fit)  # its dataclass looks its module up there
-    spec.loader.exec_module(fit)
-
-    cfg = fit.stage_config(fit.Run.parse("colour-large:300:nophoto"), str(tmp_path))
-    assert cfg.names() == ("synthetic_seg_train", "synthetic_seg_train")  # trained and scored on one split
-    assert (cfg.max_iter, cfg.ims_per_batch, cfg.base_lr, cfg.photometric) == (300, 4, 0.04, False)
-    assert (cfg.synthetic_class_cue, cfg.synthetic_object_size, cfg.synthetic_num_train) == ("colour", (0.2, 0.45), 96)
-    textured = fit.stage_config(fit.Run.parse("texture:900"), str(tmp_path))
-    assert (textured.synthetic_class_cue, textured.max_iter, textured.photometric) == ("texture", 900, True)
-    assert textured.synthetic_root != cfg.synthetic_root  # each set in its own folder of the cache
-    with pytest.raises(ValueError, match="SET:ITERATIONS"):
-        fit.Run.parse("texture:300:flip")

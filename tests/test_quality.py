@@ -74,25 +74,6 @@ def test_the_signals_leave_training_untouched_and_log_at_zero_every_n_and_the_en
     assert set(quality) <= with_signals.metrics.keys() and not set(quality) & without.metrics.keys()
 
 
-def test_the_cost_benchmark_times_every_evaluation_of_a_run():
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    overrides = ["pretrain.iters=4", "pretrain.batch_size=4", "pretrain.queue_len=16", "pretrain.crop_size=64",
-                 "data.num_images=16", "pretrain.eval_num_train=8", "pretrain.eval_num_val=4", "pretrain.eval_size=64",
-                 "pretrain.figure.enabled=false", "pretrain.corr_eval_crop=null"]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "quality_cost.py"), *overrides], cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    evaluations = re.search(r"(\d+) evaluations: ([\d.]+) s", done.stdout)
-    assert evaluations and int(evaluations.group(1)) == 5, done.stdout  # at 0, 1, 2, 3, 4: 4 // QUALITY_EVALS = 1
-    share = re.search(r"signals: [\d.]+ s = ([\d.]+)% of the pre-training", done.stdout)
-    assert share and 0 < float(share.group(1)) < 100, done.stdout
-
-
 # ------------------------------------------------------------------------- VOC segmentation as the set
 VOC_COLOURS = {0: (0, 0, 0), 5: (255, 0, 0), 12: (0, 255, 0), 15: (0, 0, 255)}  # class -> pixel colour
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,18 @@ def composed_jobs(config: DictConfig, jobs: list[list[str]], swept: list[str]) -
     return found
 
 
-def show_plan(config: DictConfig, jobs: list[tuple[str, Path, DictConfig]], what: str) -> None:
-    """Print every job's plan (pipelines.plan) and exit: nothing is run, made or tracked."""
+def show_plan(config: DictConfig, jobs: Callable[[], list[tuple[str, Path, DictConfig]]], what: str) -> None:
+    """Print the plan (pipelines.plan) of every job `jobs()` gives (name, folder, config) and exit: nothing is
+    run, made or tracked. Any error ends the launch too (Hydra would turn it into a warning and run the jobs)."""
+    try:
+        text = plan_text(config, jobs(), what)
+    except (Exception, SystemExit) as err:
+        raise SystemExit(f"plan=true: no plan, and nothing ran: {err}") from err
+    print(text, flush=True)
+    raise SystemExit(0)
+
+
+def plan_text(config: DictConfig, jobs: list[tuple[str, Path, DictConfig]], what: str) -> str:
     world_size = plan.launcher_world_size(config)
     texts = []
     for name, job_dir, job_cfg in jobs:
@@ -149,8 +160,7 @@ def show_plan(config: DictConfig, jobs: list[tuple[str, Path, DictConfig]], what
             texts.append(f"  this job would stop before it starts: {err}")
     launcher = config.hydra.runtime.choices.get("hydra/launcher", "basic")
     header = f"plan of the {what} {config.name!r} (launcher {launcher}, {world_size} process(es) a job); nothing ran"
-    print("\n\n".join([header, *texts]), flush=True)
-    raise SystemExit(0)
+    return "\n\n".join([header, *texts])
 
 
 class SweepError(ValueError):
@@ -209,7 +219,7 @@ class PipelineCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.plan:
             job_dir = Path(config.hydra.run.dir).absolute()
-            show_plan(config, [(job_dir.name, job_dir, config)], "run")
+            show_plan(config, lambda: [(job_dir.name, job_dir, config)], "run")
         try:
             schema.validate(config)
         except schema.ConfigValueError as err:
@@ -220,7 +230,7 @@ class PipelineCallback(Callback):
         if str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
             jobs, swept = sweep_jobs(config)
             if config.plan:
-                show_plan(config, composed_jobs(config, jobs, list(swept)), f"sweep of {len(jobs)} jobs")
+                show_plan(config, lambda: composed_jobs(config, jobs, list(swept)), f"sweep of {len(jobs)} jobs")
             try:
                 check_jobs(config, jobs)
             except SweepError as err:

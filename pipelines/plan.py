@@ -25,6 +25,7 @@ from densecl.training.checkpoint import CHECKPOINT_NAME
 from densecl.transfer import protocol
 from densecl.typed_settings import flatten
 from pipelines import schema
+from pipelines.registry import STAGES
 from pipelines.schema import PipelineConfig
 from pipelines.stages import planned_stages, read_done, stage_settings
 from pipelines.tracking import as_params
@@ -67,18 +68,23 @@ def plan_job(cfg: DictConfig, job_dir: Path, world_size: int = 1) -> list[StageP
 
 def stage_summary(settings: PipelineConfig, stage: str, world_size: int) -> tuple[dict[str, Any], Any]:
     """(the resolved settings a plan shows, the stage's settings object or None)."""
-    if stage == "pretrain":
-        return settings.pretrain_config().summary(pretraining_images(settings), world_size), None
-    if stage == "convert":
-        return {"weights": "the pre-trained backbone -> detectron2's names (.pkl)"}, None
+    record = STAGES[stage]
+    if record.settings is None:
+        return record.description(settings, world_size), None
     stage_cfg = settings.stage_config(stage)
     summary = stage_cfg.summary() if hasattr(stage_cfg, "summary") else as_params(vars(stage_cfg))
     return summary, stage_cfg
 
 
-def pretraining_images(settings: PipelineConfig) -> int:
+def pretraining_summary(settings: PipelineConfig, world_size: int) -> dict[str, Any]:
     data = settings.data
-    return data.num_images if data.kind == DataKind.synthetic else count_image_files(data.root)
+    images = data.num_images if data.kind == DataKind.synthetic else count_image_files(data.root)
+    return settings.pretrain_config().summary(images, world_size)
+
+
+def conversion_summary(settings: PipelineConfig, world_size: int) -> dict[str, Any]:
+    source = settings.pretrain.weights or "the pre-trained backbone (pretrain/backbone.pth)"
+    return {"weights": f"{source} -> detectron2's names (convert/backbone.pkl)"}
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,19 +31,28 @@ class Stage:
     with_random_init: bool = True  # runs for model=random_init too (nothing to pre-train or convert there)
     optional: bool = False  # runs only when listed in `stages` (it needs the user's data)
     all_processes: bool = False  # runs on every process of the job (else on global rank 0 only)
+    # what a plan shows of a stage without a section ("module:function" or the function, `(pipeline settings,
+    # world size) -> {key: value}`); a stage with one shows its settings' summary()
+    describe: str | Callable[..., dict[str, Any]] | None = None
 
     def run(self, job: Any) -> dict[str, float]:
-        runner = self.runner
-        if isinstance(runner, str):
-            module, _, function = runner.partition(":")
-            runner = getattr(importlib.import_module(module), function)
-        return runner(job, self.name)
+        return _resolve(self.runner)(job, self.name)
+
+    def description(self, settings: Any, world_size: int) -> dict[str, Any]:
+        return {} if self.describe is None else _resolve(self.describe)(settings, world_size)
 
     def trivial(self, metrics: dict[str, float]) -> float | None:
         """The trivial baseline of these metrics (None: the stage has none, or did not report it)."""
         if isinstance(self.baseline, str):
             return metrics.get(self.baseline)
         return self.baseline
+
+
+def _resolve(function: str | Callable) -> Callable:
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        function = getattr(importlib.import_module(module), name)
+    return function
 
 
 class StageRegistry:
@@ -92,8 +101,9 @@ class StageRegistry:
 
 STAGES = StageRegistry([
     Stage("pretrain", "pipelines.stages:run_pretrain", headline=("loss", "corr_acc_eval"), needs_weights=False,
-          with_random_init=False, all_processes=True),
-    Stage("convert", "pipelines.stages:run_convert", headline=("num_tensors",), with_random_init=False),
+          with_random_init=False, all_processes=True, describe="pipelines.plan:pretraining_summary"),
+    Stage("convert", "pipelines.stages:run_convert", headline=("num_tensors",), with_random_init=False,
+          describe="pipelines.plan:conversion_summary"),
     Stage("det_voc", "pipelines.stages:run_det_voc", VOCDetectionConfig, ("AP", "AP50"), baseline=0.0),
     Stage("det_coco", "pipelines.stages:run_det_coco", COCODetectionConfig, ("bbox/AP", "segm/AP"), baseline=0.0),
     Stage("seg_voc", "pipelines.stages:run_segmentation", SegmentationConfig, ("mIoU",), baseline="mIoU_trivial"),

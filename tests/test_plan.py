@@ -125,3 +125,18 @@ def test_the_resolved_settings_become_params():
                             protocol="synthetic")]
     assert plan.params(plans) == {"plan.det_voc.lr": "0.01", "plan.det_voc.data.synthetic_voc_train": "96 images",
                                   "plan.det_voc.protocol": "synthetic"}
+
+
+def test_a_plan_that_fails_ends_the_launch_instead_of_running_the_jobs():
+    """Hydra turns an exception raised by a callback into a warning and launches the jobs: every error of the plan
+    must end the launch itself."""
+    from pipelines.callbacks import show_plan
+
+    cfg = schema.compose(["plan=true"])
+
+    def broken():
+        raise KeyError("no such stage")
+
+    with pytest.raises(SystemExit, match="plan=true: no plan, and nothing ran: 'no such stage'") as err:
+        show_plan(cfg, broken, "run")
+    assert err.value.code != 0

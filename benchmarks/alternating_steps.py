@@ -1,8 +1,8 @@
 """Train steps of several configurations, alternated step by step in one process.
 
-Shared by the side-by-side benchmarks (step_overhead.py, amp_speedup.py): machine noise then hits every
-configuration alike, so the ratio of their medians means something on a shared, busy machine.
-pretrain_throughput.py builds its single run with `build_run` too.
+step_overhead.py times DenseCL and MoCo v2 this way: machine noise then hits every configuration alike, so
+the ratio of their medians means something on a shared, busy machine. pretrain_throughput.py builds its single
+run with `build_run` too.
 """
 
 from __future__ import annotations

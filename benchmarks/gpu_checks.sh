@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md in one go, for a machine lent with one GPU (15-20 min on an H200, estimated):
+# Every GPU figure of docs/benchmarks.md in one command, on a machine with one GPU (docs/gpu.md#the-gpu-checks):
 #   bash benchmarks/gpu_checks.sh OUT
 #   GPU_CHECKS_STEPS="jpeg_folder throughput_gpu_aug" bash benchmarks/gpu_checks.sh OUT    # some steps only
-#   GPU_CHECKS_TINY=1 bash benchmarks/gpu_checks.sh OUT    # every step tiny, on the CPU (tests/test_gpu_checks.py)
+#   GPU_CHECKS_TINY=1 bash benchmarks/gpu_checks.sh OUT    # every step tiny, on the CPU: do the steps run?
 # Steps, in order, each under its own time limit (`timeout`), its output in OUT/<step>.log:
 #   jpeg_folder            ImageNet-like JPEGs (about 500 x 375) from the synthetic scenes, for the next two
 #   throughput_gpu_aug     ResNet-50/224, batch 256, bf16 + channels_last, queue 65536, DenseCL: views resident on
@@ -28,6 +28,7 @@ cpus=$(nproc)
 workers=$(( cpus < 16 ? cpus : 16 ))
 summary=$out/summary.txt
 jpegs=$out/jpeg_folder
+chain_stages=pretrain,convert,det_voc,det_coco,seg_voc  # pipelines/registry.py names
 
 # ------------------------------------------------------------------------------------------- the two sizes
 # pipeline overrides that shrink every stage to seconds (as tests/test_pipeline.py's TINY), in fp32 (bf16 is
@@ -100,6 +101,7 @@ run_step() {  # NAME LIMIT COMMAND...: output to OUT/NAME.log, figures to the su
   rc=$?
   seconds=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
   [ "$tiny" = 1 ] && extra+=(--tiny)
+  [ "$name" = chain ] && extra+=(--stages "$chain_stages")
   python3 benchmarks/gpu_checks_figures.py "$name" "$out" --rc "$rc" --seconds "$seconds" --limit "$limit" \
     --jobs "$mini_jobs" "${extra[@]}" 2>>"$out/$name.log" | tee -a "$summary"
   [ "${PIPESTATUS[0]}" = 0 ] || summary_line "$name" failed "the figures of this step could not be read (rc $rc)"
@@ -135,7 +137,7 @@ run_step throughput_cpu_aug "$limit_short" python3 benchmarks/pretrain_throughpu
   "${timed_steps[@]}" --mode pipeline --source "$jpegs" --augment-on cpu --workers "$workers"
 run_step step_overhead "$limit_short" python3 benchmarks/step_overhead.py "${overhead_args[@]}"
 run_step chain "$limit_long" python3 -m pipelines.run name=gpu_chain device="$device" \
-  "stages=[pretrain,convert,det_voc,det_coco,seg_voc]" "${chain_args[@]}" paths.output_dir="$out/chain"
+  "stages=[$chain_stages]" "${chain_args[@]}" paths.output_dir="$out/chain"
 mini=(+experiment=mini_paper_gpu device="$device" "${mini_args[@]}" paths.output_dir="$out/mini_paper_gpu")
 run_step mini_paper_gpu "$limit_long" env OMP_NUM_THREADS=1 python3 -m pipelines.run "${mini[@]}" -m
 run_step mini_paper_gpu_report "$limit_short" python3 -m pipelines.report "${mini[@]}" \

@@ -1,6 +1,6 @@
 """The figures of one step of benchmarks/gpu_checks.sh, read from what the step left in OUT, as summary lines:
 
-    python benchmarks/gpu_checks_figures.py STEP OUT --rc RC --seconds S --limit L [--tiny]
+    python benchmarks/gpu_checks_figures.py STEP OUT --rc RC --seconds S --limit L [--tiny] [--stages A,B,...]
 
 One line per figure, `key=value` fields, then ` | ` and a free-text detail:
     step=step_overhead status=ok figure=densecl_over_mocov2 value=1.045 unit=ratio target=<=1.02 met=no \
@@ -9,6 +9,8 @@ One line per figure, `key=value` fields, then ` | ` and a free-text detail:
 status: ok (the step exited 0 and left the figure), failed (it exited non-zero, or left no figure) or timeout
 (killed at its limit: exit 124 or 137); value: the figure, or nan when there is none. met: yes / no against
 the target (n/a without a target, and in the tiny mode, whose sizes mean nothing).
+chain: --stages names the stages the chain ran; each one's figure is its first headline metric in
+pipelines/registry.py (`Stage.headline`), read from the stage's DONE.json, with the stage's wall time beside it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import math
 import re
 from pathlib import Path
 
+from pipelines.registry import STAGES
+
 THROUGHPUT = r"^throughput {mode}: (\d+(?:\.\d+)?) images/s"
-CHAIN_STAGES = {  # stage: its headline metric (pipelines.console.HEADLINES' first)
-    "pretrain": "loss", "convert": "num_tensors", "det_voc": "AP50", "det_coco": "bbox/AP", "seg_voc": "mIoU",
-}  # fmt: skip
 CLAIM_METRICS = ("det_voc/AP", "seg_voc/mIoU", "probe/mIoU")
 CLAIM_ORDER = ("densecl", "mocov2", "random_init")
 
@@ -72,7 +73,8 @@ def step_overhead(out: Path, log: Path, args) -> list[Figure]:
 
 def chain(out: Path, log: Path, args) -> list[Figure]:
     figures = []
-    for stage, metric in CHAIN_STAGES.items():
+    for stage in args.stages:
+        metric = STAGES[stage].headline[0]
         done = sorted((out / "chain").glob(f"runs/*/*/{stage}/DONE.json"))
         record = json.loads(done[-1].read_text()) if done else {"metrics": {}}
         value = record["metrics"].get(metric)
@@ -128,7 +130,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, required=True)
     parser.add_argument("--jobs", type=int, default=9, help="mini_paper_gpu: the jobs the sweep should finish")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--stages", type=lambda s: s.split(","), default=[],
+                        help="chain: the stages it ran, comma-separated (pipelines/registry.py names)")
     args = parser.parse_args()
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown or (args.step == "chain" and not args.stages):
+        parser.error(f"--stages: {', '.join(unknown) or 'none given'} (stages: {', '.join(STAGES.names())})")
     log = args.out / f"{args.step}.log"
     status = "ok" if args.rc == 0 else "timeout" if args.rc in (124, 137) else "failed"
     for figure in STEPS[args.step](args.out, log, args):

@@ -40,7 +40,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tenso
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
-        except TypeError:  # a torch from before mm's out_dtype (the lent GPU machines' own build may be older)
+        except TypeError:  # an older torch build without mm's out_dtype: the fp32 product, rounded below
             pass
     return torch.mm(a, b).to(out_dtype)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import plan, schema
 from pipelines.console import summary_table
+from pipelines.journal import Journal, journal_path
 from pipelines.launching import export_distributed_env, is_global_rank_zero
 from pipelines.registry import STAGES
-from pipelines.report import report_sweep
 from pipelines.stages import DONE
 from pipelines.tracking import (
     CHILD_FILE,
@@ -51,7 +52,9 @@ from pipelines.tracking import (
     TAG_SWEPT_VALUES,
     Tracker,
     as_params,
+    normalise_uri,
     read_run_id,
+    write_run_id,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,17 @@ def tracker_for(cfg: DictConfig) -> Tracker:
     if t.uri not in _trackers:
         _trackers[t.uri] = Tracker(t.uri, retries=t.retries, retry_wait_s=t.retry_wait_s)
     return _trackers[t.uri]
+
+
+_journals: dict[Path, Journal] = {}
+
+
+def journal_for(cfg: DictConfig, id_file: Path) -> Journal:
+    """The journal of the run `id_file` names (pipelines.journal), one object per process and run."""
+    id_file = Path(id_file).absolute()
+    if id_file not in _journals:
+        _journals[id_file] = Journal(id_file, lambda: tracker_for(cfg))
+    return _journals[id_file]
 
 
 def group_dir(config: DictConfig) -> Path:
@@ -87,11 +101,13 @@ def override_tags(overrides: list[str]) -> dict[str, str]:
     }
 
 
-def swept_keys(tracker: Tracker, parent_id: str | None) -> list[str]:
-    """The keys the parent's sweep varies (recorded on it by the launching process); none for a single run."""
-    if not parent_id:
+def swept_keys(group: Path) -> list[str]:
+    """The keys the sweep varies, as the launching process recorded them beside the parent run's id (a job
+    reads them without asking the tracking store); none for a single run."""
+    try:
+        return list(json.loads((group / PARENT_FILE).read_text()).get("swept_keys", []))
+    except (FileNotFoundError, json.JSONDecodeError):
         return []
-    return json.loads(tracker.call(tracker.client.get_run, parent_id).data.tags.get(TAG_SWEPT, "[]"))
 
 
 def swept_values(overrides: list[str], keys: list[str]) -> dict[str, str]:
@@ -262,12 +278,14 @@ class PipelineCallback(Callback):
         else:
             jobs = {p.name: p for p in sorted(sweep_dir.iterdir()) if (p / ".hydra").is_dir()}
         if config.tracking.enabled:
-            parent_id = read_run_id(sweep_dir / PARENT_FILE)
-            try:
-                report_sweep(config, tracker_for(config), parent_id)
-            except (Exception, SystemExit) as err:  # the jobs' results stand without it
-                log.warning("the sweep's report failed (make it again with python -m pipelines.report): %s", err)
-            self._finish_parent(config, "FINISHED")
+            deadline = time.monotonic() + config.tracking.flush_timeout_s
+            for job in jobs.values():  # what a job could not send before it ended: the report needs it
+                if journal_path(job / CHILD_FILE).is_file():
+                    journal_for(config, job / CHILD_FILE).flush(max(0.0, deadline - time.monotonic()))
+            parent = journal_for(config, sweep_dir / PARENT_FILE)
+            parent.append("report", config=str(sweep_dir / "sweep_config.yaml"))
+            parent.append("status", status="FINISHED")
+            parent.flush(max(0.0, deadline - time.monotonic()))
         print_summary(config, jobs)
 
     def _open_parent(self, config: DictConfig, kind: str, swept: dict[str, list[str]], num_jobs: int) -> None:
@@ -302,6 +320,8 @@ class PipelineCallback(Callback):
         run_id, created = tracker.open_run(
             folder / PARENT_FILE, experiment_id, run_name=config.name, tags=tags
         )
+        write_run_id(folder / PARENT_FILE, run_id, experiment_id=experiment_id, tracking_uri=tracker.uri,
+                     swept_keys=list(swept))
         tracker.set_runs_view(experiment_id, *runs_view(config, list(swept)))
         snapshot = folder / f"{kind}_config.yaml"
         snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -319,56 +339,47 @@ class PipelineCallback(Callback):
     def _finish_parent(self, config: DictConfig, status: str) -> None:
         if not config.tracking.enabled or not is_global_rank_zero():
             return
-        run_id = read_run_id(group_dir(config) / PARENT_FILE)
-        if run_id:
-            tracker_for(config).finish(run_id, status)
+        parent = journal_for(config, group_dir(config) / PARENT_FILE)
+        parent.append("status", status=status)
+        parent.flush(config.tracking.flush_timeout_s)
 
     # ----------------------------------------------------------------------------------------- job process
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The job's child run, through its journal: no request waits here, so a tracking store that does not
+        answer delays nothing (the journal sends when it does)."""
         export_distributed_env()
         if not config.tracking.enabled or not is_global_rank_zero():
             return
-        # An error here only warns (Hydra): the task then fails at once because its run is missing.
-        tracker = tracker_for(config)
-        experiment_id = tracker.experiment_id(
-            config.tracking.experiment_name, config.tracking.artifact_location
-        )
         job_dir = Path(config.hydra.runtime.output_dir)
-        parent_id = read_run_id(group_dir(config) / PARENT_FILE)
+        group = group_dir(config)
         overrides = list(config.hydra.overrides.task)
-        swept = swept_values(overrides, swept_keys(tracker, parent_id))
+        swept = swept_values(overrides, swept_keys(group))
         point = {k: v for k, v in swept.items() if k not in config.report.seed_keys}
         tags = {TAG_JOB_DIR: str(job_dir), TAG_GROUP: join_values(point) or "all", **override_tags(overrides)}
         run_name = join_values(swept) or job_dir.name
-        run_id, created = tracker.open_run(
-            job_dir / CHILD_FILE, experiment_id, run_name=run_name, tags=tags, parent_run_id=parent_id
-        )
+        journal = journal_for(config, job_dir / CHILD_FILE)
+        parent_id = read_run_id(group / PARENT_FILE)
+        journal.open_run(normalise_uri(config.tracking.uri), config.tracking.experiment_name,
+                         config.tracking.artifact_location, run_name, tags, parent_run_id=parent_id)
         task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
         task_cfg.pop("hydra", None)
         for section in task_cfg["downstream"].values():  # a key left None keeps its preset's value: see plan.*
             for key in [k for k, v in (section or {}).items() if v is None]:
                 del section[key]
         job_plan = plan.plan_job(config, job_dir, int(os.environ.get("WORLD_SIZE", 1)))
-        changed = tracker.log_params(run_id, {**as_params(task_cfg), **swept, **plan.params(job_plan)})
-        if changed:  # only keys excluded from folder names can differ (e.g. stages): keep the first values
-            log.warning(
-                "mlflow params keep their first values for %s (params are immutable)", ", ".join(changed)
-            )
+        journal.append("params", params={**as_params(task_cfg), **swept, **plan.params(job_plan)})
         saved = job_dir / ".hydra" / "config.yaml"
         if saved.exists():
-            tracker.log_artifact(run_id, saved, "config")
-        log.info("mlflow: %s run %s (%s)", "new" if created else "reusing", run_id, run_name)
+            journal.append("artifact", path=str(saved), artifact_path="config")
+        journal.start()
+        log.info("mlflow: run %s of this job, logged through %s", run_name, journal.path)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not config.tracking.enabled or not is_global_rank_zero():
             return
-        run_id = read_run_id(Path(config.hydra.runtime.output_dir) / CHILD_FILE)
-        if not run_id:
-            return
-        tracker = tracker_for(config)
-        if job_return.status == JobStatus.COMPLETED:
-            tracker.finish(run_id, "FINISHED")
-        else:
-            tracker.set_tags(run_id, {"densecl.error": repr(job_return._return_value)[:5000]})
-            tracker.finish(run_id, "FAILED")
+        journal = journal_for(config, Path(config.hydra.runtime.output_dir) / CHILD_FILE)
+        if job_return.status != JobStatus.COMPLETED:
+            journal.append("tags", tags={"densecl.error": repr(job_return._return_value)[:5000]})
+        journal.append("status", status="FINISHED" if job_return.status == JobStatus.COMPLETED else "FAILED")
+        journal.flush(config.tracking.flush_timeout_s)

@@ -21,25 +21,20 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipelines import schema
-from pipelines.callbacks import tracker_for
+from pipelines.callbacks import journal_for
 from pipelines.launching import apply_cpu_allocation, export_distributed_env, is_global_rank_zero
 from pipelines.stages import run_stages
-from pipelines.tracking import CHILD_FILE, RunLogger, read_run_id
+from pipelines.tracking import CHILD_FILE, RunLogger
 
 log = logging.getLogger(__name__)
 
 
 def job_logger(cfg: DictConfig, job_dir: Path) -> RunLogger:
-    """The child run opened for this job by the callback (rank 0 with tracking on), else a no-op."""
+    """What the job's stages log to its child run, through the run's journal (opened by the callback), on rank 0
+    with tracking on; else a no-op."""
     if not cfg.tracking.enabled or not is_global_rank_zero():
         return RunLogger()
-    run_id = read_run_id(job_dir / CHILD_FILE)
-    if not run_id:
-        raise RuntimeError(
-            f"tracking is on but no mlflow run was opened for {job_dir} (see the callback's warning above): "
-            f"fix tracking.uri or run with tracking=disabled"
-        )
-    return RunLogger(tracker_for(cfg), run_id)
+    return RunLogger(journal_for(cfg, job_dir / CHILD_FILE))
 
 
 def run_job(cfg: DictConfig) -> dict[str, dict[str, float]]:

@@ -63,6 +63,9 @@ class TrackingConfig:
     log_backbone: bool = neutral(True)  # the exported backbone as an artifact
     retries: int = neutral(8)  # attempts while the store says "database is locked"
     retry_wait_s: float = neutral(0.5)  # first back-off, doubled per attempt
+    # how long a job's end (and a sweep's) waits for the store to take what waits in its journal; the rest is sent
+    # by the job's next run or `python -m pipelines.sync FOLDER` (pipelines.journal)
+    flush_timeout_s: float = neutral(60.0)
 
     def validate(self) -> None:
         check(not self.enabled or bool(self.uri), "uri", self.uri,

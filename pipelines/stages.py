@@ -180,6 +180,8 @@ def run_pretrain(job: Job, stage: str) -> dict[str, float]:
         result = pretrain(job.cfg.pretrain_config(), out, on_step=curve, should_stop=stop.requested)
     curve.flush()
     if not result.completed:
+        job.tracking.status("KILLED")  # preempted: the requeued job marks its run RUNNING again
+        job.tracking.flush(job.cfg.tracking.flush_timeout_s if job.cfg.tracking.enabled else 0)
         stop.hand_over()  # requeue (under submitit), never returns
         raise StageError("pre-training stopped early without a preemption signal")
     metrics = {k: float(v) for k, v in result.metrics.items()}

@@ -27,6 +27,7 @@ from PIL import Image
 
 from densecl.files import write_json
 from densecl.typed_settings import flatten
+from pipelines.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,15 @@ class Tracker:
     # -------------------------------------------------------------------------------------------- runs
 
     def run_exists(self, run_id: str, experiment_id: str | None = None) -> bool:
+        """Whether the run is there (not deleted, in the experiment); a store that does not answer raises."""
         from mlflow.exceptions import MlflowException
 
         try:
             run = self.call(self.client.get_run, run_id)
-        except MlflowException:
-            return False
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
         if run.info.lifecycle_stage == "deleted":
             return False
         return experiment_id is None or run.info.experiment_id == experiment_id
@@ -182,10 +186,20 @@ class Tracker:
         run_name: str,
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
+        run_key: str | None = None,
     ) -> tuple[str, bool]:
-        """Reuse the run `id_file` names (if it still exists in this experiment), else create one and record
-        its id there. Returns (run_id, created). A reused run is marked RUNNING again."""
+        """Reuse the run `id_file` names (if it still exists in this experiment), else the run created with
+        `run_key` (an earlier attempt whose answer was lost), else create one; record its id in `id_file`.
+        Returns (run_id, created). A reused run is marked RUNNING again."""
+        from pipelines.journal import RUN_KEY_TAG
+
         run_id = read_run_id(id_file)
+        if not (run_id and self.run_exists(run_id, experiment_id)) and run_key:
+            found = self.call(self.client.search_runs, [experiment_id],
+                              filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+            run_id = found[0].info.run_id if found else None
+            if run_id:
+                write_run_id(id_file, run_id, experiment_id=experiment_id, tracking_uri=self.uri)
         if run_id and self.run_exists(run_id, experiment_id):
             self.call(self.client.update_run, run_id, status="RUNNING")
             if tags:
@@ -194,12 +208,14 @@ class Tracker:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
+        if run_key:
+            all_tags[RUN_KEY_TAG] = run_key
         run = self.call(self.client.create_run, experiment_id, run_name=run_name, tags=all_tags)
         write_run_id(id_file, run.info.run_id, experiment_id=experiment_id, tracking_uri=self.uri)
         return run.info.run_id, True
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.call(self.client.set_terminated, run_id, status=status)
+    def finish(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.call(self.client.set_terminated, run_id, status=status, end_time=end_time)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -221,16 +237,16 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_metric_points(run_id, [(step, metrics)])
 
-    def log_metric_points(self, run_id: str, points: Iterable[tuple[int, Mapping[str, float]]]) -> None:
-        """Many (step, {name: value}) points in as few transactions as mlflow allows. Non-finite values are
-        dropped (NaN would poison the report's means)."""
+    def log_metric_points(self, run_id: str, points: Iterable[tuple]) -> None:
+        """Many (step, {name: value}[, timestamp ms]) points in as few transactions as mlflow allows. Non-finite
+        values are dropped (NaN would poison the report's means)."""
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
+        now = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), stamp, int(step))
-            for step, metrics in points
-            for k, v in metrics.items()
+            Metric(k, float(v), point[2] if len(point) > 2 else now, int(point[0]))
+            for point in points
+            for k, v in point[1].items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
         for start in range(0, len(items), METRICS_PER_BATCH):
@@ -259,10 +275,15 @@ class Tracker:
             return f"open {self.runs_url(experiment_id)}"
         return f"mlflow ui --backend-store-uri {self.uri}  then open {self.runs_url(experiment_id)}"
 
-    def log_image(self, run_id: str, path: str | os.PathLike, key: str) -> None:
+    def log_image(self, run_id: str, path: str | os.PathLike, key: str, step: int = 0) -> None:
         """A PNG as an mlflow image under `key`: the UI shows it inline on the run's page and in its charts."""
         with Image.open(path) as image:
-            self.call(self.client.log_image, run_id, image.convert("RGB"), key=key, step=0)
+            self.call(self.client.log_image, run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
+
+    def has_image(self, run_id: str, key: str, step: int = 0) -> bool:
+        """Whether the run holds an image logged under `key` at `step` (mlflow names its file after both)."""
+        prefix = f"images/{key.replace('/', '~')}+step+{step}+"
+        return any(a.path.startswith(prefix) for a in self.call(self.client.list_artifacts, run_id, "images"))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -275,11 +296,11 @@ class Tracker:
 
 
 class MetricBuffer:
-    """Collects per-step metrics and writes them in batches (at most every `interval_s`), so that a
-    pre-training curve costs a few store transactions, not one per logged step."""
+    """Collects per-step metrics and hands them to the run's journal in batches (at most every `interval_s`), so
+    that a pre-training curve costs a few entries and requests, not one per logged step."""
 
-    def __init__(self, tracker: Tracker, run_id: str, prefix: str, interval_s: float = 10.0):
-        self.tracker, self.run_id, self.prefix, self.interval_s = tracker, run_id, prefix, interval_s
+    def __init__(self, journal: Journal, prefix: str, interval_s: float = 10.0):
+        self.journal, self.prefix, self.interval_s = journal, prefix, interval_s
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.last_flush = time.monotonic()
         self.last_points: dict[str, tuple[int, float]] = {}  # name -> (step, value) of its newest point
@@ -294,10 +315,7 @@ class MetricBuffer:
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         self.last_flush = time.monotonic()
-        try:
-            self.tracker.log_metric_points(self.run_id, pending)
-        except Exception as err:  # a lost curve point is not worth failing the training for
-            log.warning("could not log %d metric points: %s", len(pending), err)
+        self.journal.metrics(pending)
 
 
 def iter_final_metrics(stage: str, metrics: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
@@ -308,28 +326,28 @@ def iter_final_metrics(stage: str, metrics: Mapping[str, Any]) -> Iterable[tuple
 
 
 class RunLogger:
-    """What a job's stages log to its child run. Without a run (tracking disabled, or not global rank 0)
-    every method does nothing, so stage code never branches on tracking."""
+    """What a job's stages log to its child run, through the run's journal (pipelines.journal: kept in the job's
+    folder first, sent in the background). Without a journal (tracking disabled, or not global rank 0) every
+    method does nothing, so stage code never branches on tracking."""
 
-    def __init__(self, tracker: Tracker | None = None, run_id: str | None = None):
-        self.tracker = tracker if run_id else None
-        self.run_id = run_id
+    def __init__(self, journal: Journal | None = None):
+        self.journal = journal
         self._curves: list[MetricBuffer] = []
 
     @property
     def active(self) -> bool:
-        return self.tracker is not None
+        return self.journal is not None
 
     def curve(self, prefix: str) -> MetricBuffer | _NullCurve:
         if not self.active:
             return _NullCurve()
-        self._curves.append(MetricBuffer(self.tracker, self.run_id, prefix))
+        self._curves.append(MetricBuffer(self.journal, prefix))
         return self._curves[-1]
 
     def final_metrics(self, stage: str, metrics: Mapping[str, Any], only_missing: bool = False) -> None:
         """Log a stage's final metrics as `<stage>/<name>` (at the last iteration for curves, skipping the
-        values a curve already logged there), or only those the run lacks (a rerun that skips a finished
-        stage heals a run whose earlier attempt died before logging them)."""
+        values a curve already logged there), or only those the run's journal lacks (a rerun that skips a
+        finished stage heals a run whose earlier attempt died before logging them)."""
         if not self.active:
             return
         step = int(metrics.get("iterations", 0))
@@ -337,34 +355,38 @@ class RunLogger:
         curve_points = {k: p for curve in self._curves for k, p in curve.last_points.items()}
         named = {k: v for k, v in named.items() if curve_points.get(k) != (step, v)}
         if only_missing:
-            have = self.tracker.logged_metric_keys(self.run_id)
+            have = self.journal.logged_metric_names()
             named = {k: v for k, v in named.items() if k not in have}
-        if named:
-            self.tracker.log_metrics(self.run_id, named, step=step)
+        self.journal.metrics([(step, named)])
 
     def tags(self, tags: Mapping[str, str]) -> None:
         if self.active:
-            self.tracker.set_tags(self.run_id, tags)
+            self.journal.append("tags", tags={k: str(v) for k, v in tags.items()})
 
     def params(self, params: Mapping[str, str]) -> None:
         if self.active:
-            self.tracker.log_params(self.run_id, params)
+            self.journal.append("params", params={k: str(v) for k, v in params.items()})
 
     def image(self, path: str | os.PathLike, key: str) -> None:
-        if not self.active or not Path(path).is_file():
-            return
-        try:
-            self.tracker.log_image(self.run_id, path, key)
-        except Exception as err:  # a figure is a by-product: never fail a finished stage for it
-            log.warning("could not log image %s: %s", path, err)
+        if self.active and Path(path).is_file():
+            self.journal.append("image", path=str(Path(path).absolute()), key=key, step=0)
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.journal.append("artifact", path=str(Path(path).absolute()), artifact_path=artifact_path)
+
+    def status(self, status: str) -> None:
+        """FINISHED, FAILED, KILLED (preempted, to be requeued), or RUNNING again."""
+        if self.active:
+            self.journal.append("status", status=status)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Send what waits, for at most `timeout_s` (the curves' last points first); True when all was sent."""
         if not self.active:
-            return
-        try:
-            self.tracker.log_artifact(self.run_id, path, artifact_path)
-        except Exception as err:  # an artifact store hiccup must not fail a finished stage
-            log.warning("could not log artifact %s: %s", path, err)
+            return True
+        for curve in self._curves:
+            curve.flush()
+        return self.journal.flush(timeout_s)
 
 
 class _NullCurve:

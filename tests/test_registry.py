@@ -16,10 +16,11 @@ from densecl.typed_settings import check, neutral, result
 from pipelines import plan, schema
 from pipelines.callbacks import runs_view
 from pipelines.console import headline, summary_table
+from pipelines.journal import Journal
 from pipelines.registry import STAGES, Stage
 from pipelines.report import report_sweep
 from pipelines.stages import DONE, planned_stages, run_stages
-from pipelines.tracking import PARENT_TAG, TAG_SWEPT, RunLogger, Tracker
+from pipelines.tracking import CHILD_FILE, PARENT_TAG, TAG_SWEPT, RunLogger, Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,10 +66,12 @@ def test_a_registered_stage_is_planned_run_printed_and_reported(tmp_path):
         tracker = Tracker(cfg.tracking.uri)
         experiment = tracker.experiment_id("toy")
         parent, _ = tracker.open_run(tmp_path / "parent.json", experiment, "sweep", tags={TAG_SWEPT: "[]"})
-        child, _ = tracker.open_run(job_dir / "run.json", experiment, "job", tags={PARENT_TAG: parent})
+        child, _ = tracker.open_run(job_dir / CHILD_FILE, experiment, "job", tags={PARENT_TAG: parent})
         toy_only = schema.compose([f"paths.output_dir={tmp_path}", "stages=[toy]", "downstream.toy.factor=3",
                                    "seed=1", "tracking.uri=sqlite:///" + str(tmp_path / "mlflow.db")])
-        results = run_stages(toy_only, job_dir, RunLogger(tracker, child))
+        logger = RunLogger(Journal(job_dir / CHILD_FILE, lambda: tracker))
+        results = run_stages(toy_only, job_dir, logger)
+        assert logger.flush(10)
         assert results == {"toy": {"score": 31.0, "score_trivial": 1.0}}
         assert (job_dir / "toy" / "ran.txt").read_text() == "3.0"
         assert json.loads((job_dir / "toy" / DONE).read_text())["settings"]["downstream.toy.factor"] == "3.0"

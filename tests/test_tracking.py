@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pipelines import tracking
-from pipelines.tracking import MetricBuffer, RunLogger, Tracker
+from pipelines.journal import Journal
+from pipelines.tracking import RunLogger, Tracker
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +107,23 @@ def test_stray_mlflow_run_id_is_ignored(store, tmp_path, monkeypatch):
     assert fresh.client.get_run(child).data.tags[tracking.PARENT_TAG] == parent
 
 
+def logger_for(tracker, experiment, folder) -> RunLogger:
+    """A RunLogger on a run opened in `folder` (its journal sends synchronously when flushed)."""
+    tracker.open_run(folder / "mlflow_run.json", experiment, "logger")
+    return RunLogger(Journal(folder / "mlflow_run.json", lambda: tracker))
+
+
 def test_metric_points_are_batched_and_non_finite_dropped(store, tmp_path):
     tracker, experiment, _ = store
-    run_id, _ = tracker.open_run(tmp_path / "m.json", experiment, "metrics")
-    buffer = MetricBuffer(tracker, run_id, "pretrain/", interval_s=3600)
+    logger = logger_for(tracker, experiment, tmp_path)
+    buffer = logger.curve("pretrain/")
+    buffer.interval_s = 3600
     for step in (10, 20, 30):
         buffer(step, {"loss": 1.0 / step, "corr_acc": float("nan")})
-    assert tracker.logged_metric_keys(run_id) == set()  # nothing written before the flush
+    assert logger.journal.entries() == []  # nothing handed over before the buffer's flush
     buffer.flush()
+    assert len(logger.journal.entries()) == 1 and logger.flush(5)
+    run_id = logger.journal.run_id()
     history = tracker.client.get_metric_history(run_id, "pretrain/loss")
     assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.05), (30, 1.0 / 30)]
     assert "pretrain/corr_acc" not in tracker.logged_metric_keys(run_id)
@@ -121,14 +131,15 @@ def test_metric_points_are_batched_and_non_finite_dropped(store, tmp_path):
 
 def test_run_logger_final_metrics_and_artifacts(store, tmp_path):
     tracker, experiment, root = store
-    run_id, _ = tracker.open_run(tmp_path / "r.json", experiment, "logger")
-    logger = RunLogger(tracker, run_id)
+    logger = logger_for(tracker, experiment, tmp_path)
     logger.final_metrics("det_voc", {"AP": 40.0, "AP50": 70.0, "note": "text"})
     logger.final_metrics("det_voc", {"AP": 99.0, "AP75": 45.0}, only_missing=True)
-    metrics = tracker.client.get_run(run_id).data.metrics
-    assert metrics == {"det_voc/AP": 40.0, "det_voc/AP50": 70.0, "det_voc/AP75": 45.0}
     (tmp_path / "metrics.json").write_text("{}")
     logger.artifact(tmp_path / "metrics.json", "det_voc")
+    assert logger.flush(5)
+    run_id = logger.journal.run_id()
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert metrics == {"det_voc/AP": 40.0, "det_voc/AP50": 70.0, "det_voc/AP75": 45.0}
     assert [a.path for a in tracker.client.list_artifacts(run_id, "det_voc")] == ["det_voc/metrics.json"]
     assert str(root / "artifacts") in tracker.client.get_run(run_id).info.artifact_uri
     silent = RunLogger()

@@ -110,3 +110,34 @@ def test_an_unknown_layout_names_its_first_keys_and_the_layouts_accepted(tmp_pat
     message = str(err.value)
     assert "vit.pth" in message and "['cls_token', 'blocks.0.attn.qkv.weight']" in message
     assert "MoCo v1/v2 release" in message and "mmselfsup" in message and "detectron2 .pkl" in message
+
+
+def moco_converted_pickle(resnet, path):
+    """A .pkl laid out as MoCo's detectron2/convert-pretrain-to-detectron2.py writes it from a MoCo v2 release:
+    every `module.encoder_q.` key, renamed to detectron2's names with `stem.` before any key outside layer1-4
+    (so the MLP head fc.0/fc.2 becomes stem.fc.*), step counters kept, numpy values."""
+    import re
+
+    state = {**trunk(resnet), "fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.randn(512),
+             "fc.2.weight": torch.randn(128, 512), "fc.2.bias": torch.randn(128)}
+    model = {}
+    for key, value in state.items():
+        name = key if key.startswith("layer") else f"stem.{key}"
+        name = re.sub(r"layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", name)
+        name = re.sub(r"bn(\d)", r"conv\1.norm", name)
+        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[name] = value.numpy()
+    assert {"stem.fc.0.weight", "stem.fc.2.bias"} <= model.keys()
+    with path.open("wb") as f:
+        pickle.dump({"model": model, "__author__": "MOCO", "matching_heuristics": True}, f)
+    return path
+
+
+def test_a_moco_converted_pickle_drops_its_mlp_head_and_converts(resnet, tmp_path):
+    pkl = moco_converted_pickle(resnet, tmp_path / "moco_v2_200ep.pkl")
+    weights, _ = load_backbone_weights(pkl)
+    assert weights.keys() == trunk(resnet).keys()
+    assert all(torch.equal(weights[k], v) for k, v in trunk(resnet).items() if not k.endswith("num_batches_tracked"))
+    converted = read_converted(convert_to_detectron2(pkl, tmp_path / "backbone.pkl"))
+    assert not any(k.startswith("stem.fc") for k in converted["model"]) and converted["arch"] == "resnet18"
+    assert (converted["model"]["res5.1.conv2.weight"] == resnet["layer4.1.conv2.weight"].numpy()).all()

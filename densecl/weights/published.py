@@ -44,7 +44,9 @@ def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     state = obj.get("state_dict", obj.get("model", obj))
     state = state if isinstance(state, dict) else {}
     if "stem.conv1.weight" in state:
+        # MoCo's convert-pretrain-to-detectron2.py keeps the encoder's MLP head, renamed stem.fc.*: not backbone
         weights = {torchvision_name(k): torch.as_tensor(v) for k, v in state.items()}
+        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         # detectron2's files drop BN's step counters (not weights): they come back as 0, as in a fresh ResNet
         counters = [k.replace("running_mean", "num_batches_tracked") for k in weights if k.endswith("running_mean")]
         weights.update({k: torch.tensor(0) for k in counters})

@@ -60,6 +60,48 @@ def test_features_that_hold_the_answer_score_near_the_top():
     assert scores["knn_acc"] > 75 and scores["knn_acc"] > scores["knn_acc_chance"] + 30
 
 
+class NoiseEncoder(torch.nn.Module):
+    """A stand-in backbone whose features are noise, whatever the image: they hold nothing of the answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward_features(self, x):
+        noise = torch.randn(x.shape[0], 4, x.shape[2] // 4, x.shape[3] // 4, generator=self.gen)
+        return [noise, noise, noise, noise]
+
+
+def test_features_that_hold_nothing_score_near_the_floor():
+    """The negative control of the test above: the same sets and scoring, uninformative features."""
+    data = QualitySet.scenes(num_train=32, num_val=24, input_size=64)
+    scores = evaluate_features(NoiseEncoder(), data, torch.device("cpu"))
+    assert scores["probe_mIoU"] < scores["probe_mIoU_trivial"] + 10
+    assert scores["knn_acc"] < scores["knn_acc_chance"] + 20
+
+
+def test_the_query_encoder_is_the_one_scored(monkeypatch):
+    """The signals judge the backbone that is exported and transferred (the query encoder's), not the
+    momentum-updated key encoder's (made to differ here, as it does after the first step)."""
+    from types import SimpleNamespace
+
+    from densecl.training import hooks
+    from densecl.training.pretrain import model_from_settings
+
+    model = model_from_settings(tiny_config())
+    with torch.no_grad():
+        for param in model.encoder_k.backbone.parameters():
+            param.add_(1.0)
+    scored = []
+    monkeypatch.setattr(hooks, "evaluate_features", lambda backbone, *a, **k: scored.append(backbone) or {})
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"), step=0, total_steps=2, metrics={})
+    hook = hooks.FeatureQuality(data=None, every=1, on_step=None)
+    hook.before_train(trainer)
+    trainer.step = 2
+    hook.after_step(trainer)
+    assert len(scored) == 2 and all(b is model.encoder_q.backbone for b in scored)
+
+
 def test_the_signals_leave_training_untouched_and_log_at_zero_every_n_and_the_end(tmp_path):
     logged = []
     # split BN shuffles the keys with the global RNG: the evaluation must leave that stream alone too

@@ -37,6 +37,42 @@ def test_the_cache_is_made_once_and_its_name_holds_what_its_pixels_depend_on(tmp
     assert len(names) == 4
 
 
+def _race(cache_dir, barrier, out) -> None:
+    barrier.wait()
+    pixels = cached_scenes(cache_dir, seed=0, num_images=4, image_size=32)
+    np.save(out, np.asarray(pixels))
+
+
+def test_two_processes_racing_for_the_cache_make_it_once(tmp_path, monkeypatch):
+    """Jobs started side by side: the file lock makes one of them the maker; the other waits, then reads what
+    it made (a slow maker leaves time for the race)."""
+    import multiprocessing
+    import time
+
+    makes = tmp_path / "makes.txt"
+    real = scene_cache._make
+
+    def slow_make(path, *args):
+        with open(makes, "a") as log:
+            log.write(f"{path}\n")
+        time.sleep(0.5)
+        real(path, *args)
+
+    monkeypatch.setattr(scene_cache, "_make", slow_make)
+    context = multiprocessing.get_context("fork")  # the children keep the slow, counting maker
+    barrier = context.Barrier(2)
+    racers = [context.Process(target=_race, args=(tmp_path / "cache", barrier, tmp_path / f"out{k}.npy"))
+              for k in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=120)
+    assert [racer.exitcode for racer in racers] == [0, 0]
+    assert len(makes.read_text().splitlines()) == 1
+    expected = np.stack([np.asarray(generate_scene(0, i, 32).image) for i in range(4)])
+    assert all(np.array_equal(np.load(tmp_path / f"out{k}.npy"), expected) for k in range(2))
+
+
 def test_a_failed_make_leaves_no_file_and_the_next_call_makes_it(tmp_path, monkeypatch):
     real = scene_cache._scene_pixels
 

@@ -94,6 +94,38 @@ def test_padding_is_the_ignore_label_and_costs_nothing(d2cfg):
     assert model(batch)["loss_sem_seg"].item() > 0.0
 
 
+def test_a_sets_own_ignore_value_trains_as_the_ignored_label(d2cfg, coded_pair, tmp_path):
+    """A custom set's ignore_label (254 here) reaches the loss as the one value it ignores, 255."""
+    label = np.asarray(Image.open(coded_pair["sem_seg_file_name"])).copy()
+    label[:, :50] = 254  # every 32-pixel crop of the 80-pixel width holds some
+    Image.fromarray(label).save(tmp_path / "label.png")
+    record = {**coded_pair, "sem_seg_file_name": str(tmp_path / "label.png"), "ignore_label": 254}
+    image, mapped_label = mapped(d2cfg, record, seed=0, RATIO_RANGE=[1.0, 1.0])
+    x = image[0] // 3  # the column each output pixel came from
+    assert (x < 50).any() and (mapped_label[x < 50] == 255).all()
+    assert (mapped_label[x >= 50] == code(x, image[1] // 4)[x >= 50]).all()
+
+
+def test_every_crop_is_padded_to_crop_size_as_mmseg_pads_it(d2cfg):
+    """mmseg's Pad(size=crop_size) after Normalize: a crop smaller than crop_size (an image smaller than the
+    crop) reaches the backbone at crop_size, padded with 0 (the mean pixel), so that BN's statistics are
+    over the same pixels as mmseg's; its labels are padded with the ignore value."""
+    from detectron2.modeling import build_model
+
+    model = build_model(d2cfg).train()
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    batch = [{"image": torch.randint(0, 255, (3, 24, 28), dtype=torch.uint8), "sem_seg": torch.full((24, 28), 255)},
+             {"image": torch.randint(0, 255, (3, 20, 30), dtype=torch.uint8), "sem_seg": torch.full((20, 30), 255)}]
+    losses = model(batch)
+    (images,) = seen
+    assert images.shape == (2, 3, 32, 32)  # crop_size, not the batch's largest (24 x 30)
+    assert images[0, :, 24:].abs().max() == 0 and images[0, :, :, 28:].abs().max() == 0
+    assert images[1, :, 20:].abs().max() == 0 and images[1, :, :, 30:].abs().max() == 0
+    assert images[0, :, :24, :28].abs().max() > 0
+    assert losses["loss_sem_seg"].item() == 0.0  # padded labels are ignored
+
+
 def test_sliding_windows_cover_every_pixel_and_average_where_they_overlap(d2cfg):
     """With a head that returns its window as logits, the slide of an image larger than the window (crop 32,
     stride 20, as the Cityscapes protocol slides 769-pixel windows every 513) must give the image back."""

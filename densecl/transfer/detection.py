@@ -5,6 +5,8 @@ C4 box head then uses a BasicBlock res5 (512 channels). Configs: densecl.transfe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from densecl.transfer.catalog import class_names
 from densecl.transfer.layouts import is_custom
-from densecl.transfer.runner import TransferTrainer, base_d2_config, flat_metrics, run_stage
+from densecl.transfer.runner import TransferTrainer, base_d2_config, flat_metrics, run_stage, safe_names
 from densecl.transfer.settings import COCODetectionConfig, DetectionConfig, VOCDetectionConfig
 
 logger = logging.getLogger(__name__)
@@ -79,12 +81,28 @@ def _detection_d2_config(cfg: DetectionConfig, output_dir: str, zoo_config: str)
 
 
 # ----------------------------------------------------------------------------------------- trainers
+class StageLogCOCOEvaluator(COCOEvaluator):
+    """COCOEvaluator whose pycocotools printout (its progress lines and the 12-line summary table, printed to
+    stdout) goes to this module's log, i.e. the stage's log.txt, with the rest of detectron2's output; the
+    terminal keeps the stage's headline line."""
+
+    def evaluate(self, img_ids=None):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            results = super().evaluate(img_ids)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                logger.info("pycocotools: %s", line.rstrip())
+        return results
+
+
 def _coco_evaluator(dataset_name: str, output_folder: str | None, masks: bool):
     """COCO's evaluator, per class too, on boxes (and masks): COCO and the user's own sets
     (densecl.transfer.custom writes them as COCO JSONs). use_fast_impl=False: the fast COCOeval is C++ in
     detectron2._C; pycocotools gives the same numbers."""
     tasks = ("bbox", "segm") if masks else ("bbox",)
-    return COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder, use_fast_impl=False)
+    return StageLogCOCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_folder,
+                                 use_fast_impl=False)
 
 
 def _zero_without_detections(results: dict) -> dict:
@@ -124,7 +142,7 @@ class VOCDetectionTrainer(TransferTrainer):
 
     @classmethod
     def summarize(cls, results: dict) -> dict[str, float]:
-        return _defined({k: float(v) for k, v in _zero_without_detections(results)["bbox"].items()})
+        return _defined({k: float(v) for k, v in safe_names(_zero_without_detections(results)["bbox"]).items()})
 
 
 class COCODetectionTrainer(TransferTrainer):

@@ -1,11 +1,12 @@
 """A transfer stage's effective settings against its published protocol (issue: most reproductions below the
-paper come from deviations the user did not notice: a smaller total batch, no SyncBN, no aug set).
+paper come from deviations the user did not notice: a smaller total batch, no aug set).
 
 Each paper stage has a reference config (`StageConfig.protocol`); every field declared part of the protocol
-(`result(...)`, densecl.typed_settings: what is trained and how it is scored) is compared with it, and SyncBN
-(what `num_gpus > 1` gives) as `norm`. The synthetic and custom presets are their own protocols: nothing to
-compare. No torch and no detectron2: the pipeline lists the deviations while it checks the config, before any
-job starts.
+(`result(...)`, densecl.typed_settings: what is trained and how it is scored) is compared with it. SyncBN is not
+compared on its own: its statistics cover the total batch, as plain BN's do in one process, so a one-GPU run at
+the protocol's total batch has the protocol's statistics and a smaller batch deviates in `ims_per_batch`. The
+synthetic and custom presets are their own protocols: nothing to compare. No torch and no detectron2: the
+pipeline lists the deviations while it checks the config, before any job starts.
 """
 
 from __future__ import annotations
@@ -35,17 +36,20 @@ def _show(value: Any) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def compare(cfg: Any, reference: Any, effects: dict[str, str],
-            derived: dict[str, tuple[Any, Any]] | None = None) -> list[Deviation]:
+def compare(cfg: Any, reference: Any, effects: dict[str, str], derived: dict[str, tuple[Any, Any]] | None = None,
+            alternatives: dict[str, tuple] | None = None) -> list[Deviation]:
     """Every protocol field where `cfg` differs from `reference` (same dataclass), then each derived value
-    ({name: (cfg's, reference's)}, e.g. norm) that differs; a field named in `derived` is compared there only."""
-    derived = {"norm": (cfg.norm(), reference.norm()), **(derived or {})}
+    ({name: (cfg's, reference's)}, e.g. the data sets a name resolves to) that differs; a field named in
+    `derived` is compared there only. A field whose value and reference are both among its `alternatives`
+    (values the published code also runs) does not deviate."""
+    derived, alternatives = derived or {}, alternatives or {}
     found = []
     for field in dataclasses.fields(reference):
         if not getattr(role_of(field), "protocol", False) or field.name in derived:
             continue
         value, expected = getattr(cfg, field.name), getattr(reference, field.name)
-        if _plain(value) != _plain(expected):
+        accepted = alternatives.get(field.name, ())
+        if _plain(value) != _plain(expected) and not (value in accepted and expected in accepted):
             found.append(Deviation(field.name, value, expected, effects.get(field.name, "")))
     for name, (value, expected) in derived.items():
         if _plain(value) != _plain(expected):

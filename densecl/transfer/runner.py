@@ -100,8 +100,20 @@ def base_d2_config(cfg: StageConfig, output_dir: str, zoo_config: str | None = N
 
 
 def flat_metrics(results: Mapping) -> dict[str, float]:
-    """detectron2's nested {"bbox": {"AP": ...}} -> {"bbox/AP": ...}, floats only."""
-    return {k: float(v) for k, v in flatten(results, sep="/").items() if not isinstance(v, Mapping)}
+    """detectron2's nested {"bbox": {"AP": ...}} -> {"bbox/AP": ...}, floats only; a per-class name made safe
+    for mlflow and files (`safe_names`)."""
+    return {k: float(v) for k, v in flatten(safe_names(results), sep="/").items() if not isinstance(v, Mapping)}
+
+
+def safe_names(results: Mapping) -> dict:
+    """Metric names with their class part made safe (densecl.transfer.custom.metric_name: a class named 'a/b'
+    or 'car (red)' gives AP-a_b, AP-car _red_), at every level of a nested result."""
+    out = {}
+    for key, value in results.items():
+        head, dash, tail = str(key).partition("-")
+        name = f"{head}{dash}{custom.metric_name(tail)}" if dash else key
+        out[name] = safe_names(value) if isinstance(value, Mapping) else value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -264,11 +276,9 @@ def run_stage(trainer_cls: type[TransferTrainer], cfg: StageConfig, weights: str
         if not is_custom(name):
             check_dataset(name, cfg.data_root or None, cfg.synthetic_root or None)
     if cfg.custom is not None:  # read and checked whole, then written where the stage registers it from
-        summary = custom.prepare(cfg.custom, output_dir / custom.PREPARED_FOLDER)
-        data_logger.info(
-            "data set %s: %d train and %d val images, %d classes: %s", summary["name"], summary["num_train"],
-            summary["num_val"], len(summary["classes"]), ", ".join(summary["classes"]),
-        )  # fmt: skip
+        summary = custom.prepare(cfg.custom, output_dir / custom.PREPARED_FOLDER, cfg.CUSTOM_TASK)
+        for line in custom.describe(summary):
+            data_logger.info("data set %s", line)
     pkl = prepare_weights(weights, output_dir)
     write_json(output_dir / STAGE_CONFIG, {**_settings(plain(cfg), weights), "weights_pkl": pkl})
 
@@ -326,7 +336,17 @@ def _check_fixed_protocol(cfg: StageConfig, d2cfg: CfgNode) -> None:
                                "protocol: " + "; ".join(map(str, deviations)))
 
 
-_LOGGERS = ("detectron2", "densecl", "fvcore")
+# densecl.transfer too: a caller that keeps the stages' details out of the terminal stops it propagating
+# (pipelines.console), and its messages (pycocotools' summary among them) still belong in log.txt
+_LOGGERS = ("detectron2", "densecl", "densecl.transfer", "fvcore")
+
+
+def _once(record: logging.LogRecord) -> bool:
+    """A record reaches log.txt once, though it passes two of _LOGGERS on its way up."""
+    if getattr(record, "_in_stage_log", False):
+        return False
+    record._in_stage_log = True
+    return True
 
 
 def _attach_file_log(output_dir: str) -> tuple[logging.Handler, dict[str, int]]:
@@ -334,6 +354,7 @@ def _attach_file_log(output_dir: str) -> tuple[logging.Handler, dict[str, int]]:
     handler = logging.FileHandler(os.path.join(output_dir, "log.txt"))
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    handler.addFilter(_once)
     levels = {name: logging.getLogger(name).level for name in _LOGGERS}
     for name, level in levels.items():
         log = logging.getLogger(name)

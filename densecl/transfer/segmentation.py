@@ -7,7 +7,8 @@ BasicBlocks only the first 3x3 conv is dilated. Decode head on C5: two 3x3 convs
 3x3 conv, dropout, 1x1 classifier. Auxiliary head on C4: one 3x3 conv, dropout, classifier. Cross-entropy
 ignores label 255 and is averaged over all pixels (mmseg's default of that time).
 Data (mmseg's pipeline): resize to img_scale x ratio (keeping the aspect ratio), random crop retried for a crop
-where no class covers more than cat_max_ratio, flip, photometric distortion, padding with the ignore label.
+where no class covers more than cat_max_ratio, flip, photometric distortion, every crop padded to crop_size
+(0 after normalisation in the image, the ignore label in the labels).
 Test: resize to img_scale, then the whole image or a sliding window; logits are resized back to the original
 image for the metrics, accumulated in an int64 confusion matrix (detectron2 v0.6's SemSegEvaluator fails under
 numpy 2).
@@ -39,7 +40,7 @@ from torch import nn
 from densecl.evaluation.metrics import confusion_matrix, segmentation_scores, trivial_miou
 from densecl.transfer.catalog import class_names
 from densecl.transfer.layouts import IGNORE_LABEL
-from densecl.transfer.runner import TransferTrainer, base_d2_config, run_stage
+from densecl.transfer.runner import TransferTrainer, base_d2_config, run_stage, safe_names
 from densecl.transfer.settings import SegmentationConfig
 
 
@@ -90,6 +91,14 @@ class SemSegMetrics(DatasetEvaluator):
 
 
 # ------------------------------------------------------------------------------------------- model
+def pad_to(tensors: list[torch.Tensor], size: tuple[int, int], value: float) -> torch.Tensor:
+    """The tensors (..., H, W) padded at the bottom and right with `value` to at least `size`, and to the
+    largest of them, stacked."""
+    height = max(size[0], *(t.shape[-2] for t in tensors))
+    width = max(size[1], *(t.shape[-1] for t in tensors))
+    return torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value) for t in tensors])
+
+
 def dilate_resnet(backbone, dilations: dict[str, int], contract_dilation: bool = True) -> None:
     """Turn stride into dilation in the given detectron2 ResNet stages, in place (output stride 8 for
     {"res4": 2, "res5": 4}). The first block of a stage gets half the dilation when contract_dilation."""
@@ -174,11 +183,13 @@ class DenseCLFCN(nn.Module):
 
     def forward(self, batched_inputs):
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, 0, pad_value=0.0).tensor
         if not self.training:
-            return self.inference(images, batched_inputs)
-        labels = [x["sem_seg"].to(self.device) for x in batched_inputs]
-        labels = ImageList.from_tensors(labels, 0, pad_value=IGNORE_LABEL).tensor.long()
+            return self.inference(ImageList.from_tensors(images, 0, pad_value=0.0).tensor, batched_inputs)
+        # every crop padded to crop_size (mmseg's Pad(size=crop_size) after Normalize: 0 in the image, the ignore
+        # label in the labels): padded pixels cost nothing in the loss, but enter BN's statistics as mmseg's do
+        crop = (self.crop, self.crop)
+        images = pad_to(images, crop, 0.0)
+        labels = pad_to([x["sem_seg"].to(self.device) for x in batched_inputs], crop, IGNORE_LABEL).long()
         features = self.backbone(images)
         size = labels.shape[-2:]
         main = self._resize(self.decode_head(features["res5"]), size)
@@ -388,7 +399,7 @@ class SegmentationTrainer(TransferTrainer):
 
     @classmethod
     def summarize(cls, results: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in results["sem_seg"].items()}
+        return {k: float(v) for k, v in safe_names(results["sem_seg"]).items()}
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from densecl.data.synthetic import CLASS_CUES, FORMAT_VERSION, OBJECT_DIAMETER_FRACTION
 from densecl.method.settings import ARCHS
 from densecl.transfer.custom import (
+    AUTO,
     DETECTION_FORMATS,
     SEGMENTATION_FORMATS,
     CustomDataError,
@@ -97,7 +98,9 @@ class StageConfig:
     warmup_iters: int = result(100)
     warmup_factor: float = result(0.001)
     clip_grad_norm: float = result(0.0)  # 0 = no clipping
-    num_gpus: int = result(1, protocol=False)  # > 1: SyncBN (compared as `norm`); detectron2 starts a process per GPU
+    # > 1: SyncBN; detectron2 starts a process per GPU. Not compared with the protocol: BN statistics cover the
+    # total batch either way (SyncBN across GPUs, plain BN in one process), and ims_per_batch is compared
+    num_gpus: int = result(1, protocol=False)
     device: str = neutral("auto")  # auto: CUDA when available
     seed: int = result(0, protocol=False)
     eval_period: int = neutral(0)  # evaluate every N iterations too; 0 = only at the end
@@ -118,7 +121,15 @@ class StageConfig:
     # what the pipeline derives itself (from downstream.synthetic and paths.cache_dir): not keys of a section
     DERIVED: ClassVar[tuple[str, ...]] = ("synthetic_root", "synthetic")
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = ()  # the custom set formats the stage reads
+    CUSTOM_TASK: ClassVar[str] = ""  # what it reads from a custom set: "detection" or "segmentation"
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {}  # documented effects of a deviation, by key
+    # values the published code runs besides the reference's, by key: no deviation (the official repository
+    # has ResNet-101 configs and results: VOC det 61.3 AP, VOC seg 74.1 mIoU)
+    PROTOCOL_ALTERNATIVES: ClassVar[dict[str, tuple]] = {"arch": ("resnet50", "resnet101")}
+    # where a custom run differs from the `custom` preset, these are left out of the plan's comparison: they
+    # say where the data are and how the run shows itself, not what it trains
+    _NOT_SCHEDULE: ClassVar[frozenset[str]] = frozenset({"custom", "data_root", "synthetic_root", "synthetic", "seed",
+                                                        "device", "progress", "log_period", "strict_protocol"})
 
     @classmethod
     def preset(cls, name: str, **overrides: Any):
@@ -183,8 +194,8 @@ class StageConfig:
                 self.custom.validate()
             except ConfigValueError as err:
                 raise err.within("custom") from None
-            check(self.custom.format in self.CUSTOM_FORMATS, "custom.format", self.custom.format,
-                  f"this stage reads {', '.join(self.CUSTOM_FORMATS)}")
+            check(self.custom.format in (AUTO, *self.CUSTOM_FORMATS), "custom.format", self.custom.format,
+                  f"this stage reads {', '.join(self.CUSTOM_FORMATS)} (or {AUTO}: found from the folder)")
 
     def own_protocol(self) -> str | None:
         """'synthetic' or 'custom' when the stage runs on such a set: that preset is its own protocol."""
@@ -203,7 +214,8 @@ class StageConfig:
         """Each setting that differs from the published protocol; none on a synthetic or custom set."""
         if self.own_protocol() is not None:
             return []
-        return compare(self, self.protocol(), self.PROTOCOL_EFFECTS, self._derived_protocol_values())
+        return compare(self, self.protocol(), self.PROTOCOL_EFFECTS, self._derived_protocol_values(),
+                       self.PROTOCOL_ALTERNATIVES)
 
     def _derived_protocol_values(self) -> dict:
         return {}
@@ -238,7 +250,19 @@ class StageConfig:
             **self.input_sizes(),
             "amp": self.amp,
             "data": {name: self._image_count(name) for name in self.dataset_names()},
+            **({"vs_custom_preset": self._against_custom_preset()} if self.own_protocol() == "custom" else {}),
         }
+
+    def _against_custom_preset(self) -> dict[str, str] | str:
+        """What a run on the user's set changes from the `custom` preset (a CPU-sized schedule shrinks it):
+        {field: 'value (custom: preset's)'}."""
+        reference = self.preset("custom", arch=self.arch)
+        changed = {}
+        for f in dataclasses.fields(self):
+            value, preset = getattr(self, f.name), getattr(reference, f.name)
+            if f.name not in self._NOT_SCHEDULE and plain(value) != plain(preset):
+                changed[f.name] = f"{_shown(value)} (custom: {_shown(preset)})"
+        return changed or "none"
 
     def _image_count(self, name: str) -> str:
         if name.startswith("synthetic_"):
@@ -246,7 +270,7 @@ class StageConfig:
             return f"{count} images"
         try:
             if is_custom(name):
-                prepared = read_dataset(self.custom)
+                prepared = _read_custom(json.dumps(plain(self.custom), sort_keys=True), self.CUSTOM_TASK)
                 split = prepared.val if name.endswith("_val") else prepared.train
                 return f"{len(split['images']) if isinstance(split, dict) else len(split)} images ({prepared.name})"
             return f"{count_images(name, self.data_root or None)} images"
@@ -258,7 +282,7 @@ class StageConfig:
         else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
         if self.custom is not None:
             try:
-                _check_custom(json.dumps(plain(self.custom), sort_keys=True))
+                _read_custom(json.dumps(plain(self.custom), sort_keys=True), self.CUSTOM_TASK)
             except CustomDataError as err:
                 raise ConfigValueError("custom.root", self.custom.root, str(err)) from None
         for name in self.dataset_names():
@@ -315,8 +339,14 @@ def _check_layout(name: str, data_root: str | None, synthetic_root: str | None) 
 
 
 @functools.lru_cache(maxsize=16)
-def _check_custom(dataset_json: str) -> None:
-    read_dataset(from_dict(CustomDataset, json.loads(dataset_json)))
+def _read_custom(dataset_json: str, task: str):
+    """The user's set read and checked (densecl.transfer.custom.read_dataset), once per process for the plan's
+    counts and the checks of a sweep's jobs."""
+    return read_dataset(from_dict(CustomDataset, json.loads(dataset_json)), task)
+
+
+def _shown(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 # ------------------------------------------------------------------------------------------- detection
@@ -337,6 +367,7 @@ class DetectionConfig(StageConfig):
     score_thresh_test: float = result(0.05)  # boxes scored below it are not reported
 
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = DETECTION_FORMATS
+    CUSTOM_TASK: ClassVar[str] = "detection"
 
     def dataset_names(self) -> list[str]:
         return [*self.train_datasets, self.test_dataset]
@@ -373,8 +404,7 @@ class VOCDetectionConfig(DetectionConfig):
 
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
         "ims_per_batch": "a total batch under 16 gave VOC AP 48-51 where the released model gives 56.5 at 16 "
-        "(DenseCL#6)",
-        "norm": "the protocol's BN statistics are SyncBN's, over the total batch of 16",
+        "(DenseCL#6); BN statistics (SyncBN's in the protocol) cover fewer images too",
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The user's own set: the protocol at batch 8 (the linear rule) squeezed into 4000 iterations, short side
@@ -420,8 +450,8 @@ class COCODetectionConfig(DetectionConfig):
     mask_format: str = result("auto")  # one of MASK_FORMATS
 
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
-        "norm": "the protocol has SyncBN in the backbone, FPN, box and mask heads (mmselfsup's detectron2 "
-        "configs, a 2fc head without norm, differ here)",
+        "ims_per_batch": "BN statistics in the backbone, FPN, box and mask heads (SyncBN's in the protocol) cover "
+        "fewer images",
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The user's own set: as VOC detection's custom preset, on this stage's schedule (batch 8, 4000
@@ -482,11 +512,11 @@ class SegmentationConfig(StageConfig):
     precise_bn: bool = result(False)  # mmseg keeps the training statistics
 
     CUSTOM_FORMATS: ClassVar[tuple[str, ...]] = SEGMENTATION_FORMATS
+    CUSTOM_TASK: ClassVar[str] = "segmentation"
     PROTOCOL_EFFECTS: ClassVar[dict[str, str]] = {
         "ims_per_batch": "VOC segmentation on 2 GPUs (a smaller total batch) reproduced 62 mIoU against 69.4 "
         "(DenseCL#38)",
         "data sets": "VOC2012 without the SBD aug set reproduced 46.9 mIoU against 69.4 (DenseCL#19)",
-        "norm": "the protocol's BN statistics are SyncBN's, over the total batch",
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "voc": {},  # the class defaults

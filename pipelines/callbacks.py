@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import plan, schema
 from pipelines.console import summary_table
+from pipelines.credentials import mask, masked
 from pipelines.journal import Journal, journal_path
 from pipelines.launching import export_distributed_env, is_global_rank_zero
 from pipelines.registry import STAGES
@@ -224,6 +225,17 @@ def print_summary(config: DictConfig, jobs: dict[str, Path]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _status_code(err: BaseException) -> int | None:
+    """The HTTP status of an mlflow request that failed, when it had one."""
+    code = getattr(err, "get_http_status_code", lambda: None)()
+    if isinstance(code, int) and code != 500:
+        return code
+    for status in (401, 403):
+        if f"{status}" in str(err) and ("unauthorized" in str(err).lower() or "forbidden" in str(err).lower()):
+            return status
+    return code
+
+
 class PipelineCallback(Callback):
     """Registered in conf/hydra/densecl.yaml (hydra.callbacks.densecl)."""
 
@@ -294,10 +306,17 @@ class PipelineCallback(Callback):
         try:
             self._open_parent_run(config, kind, swept, num_jobs)
         except Exception as err:
+            uri = mask(str(config.tracking.uri))
+            if _status_code(err) in (401, 403):
+                raise SystemExit(
+                    f"mlflow at {uri} refused the credentials (HTTP {_status_code(err)}): set "
+                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or a user:password in tracking.uri) "
+                    f"to an account of the server. No job was launched."
+                ) from None
             raise SystemExit(
-                f"mlflow: cannot open the parent run at {config.tracking.uri}: {err!r}. "
-                f"Fix tracking.uri, or run with tracking=disabled."
-            ) from err
+                f"mlflow: cannot open the parent run at {uri}: {mask(repr(err))}. "
+                f"Fix tracking.uri, or run with tracking=disabled. No job was launched."
+            ) from None
 
     def _open_parent_run(
         self, config: DictConfig, kind: str, swept: dict[str, list[str]], num_jobs: int
@@ -318,14 +337,14 @@ class PipelineCallback(Callback):
             "densecl.command": " ".join(sys.argv)[:5000],
         }
         run_id, created = tracker.open_run(
-            folder / PARENT_FILE, experiment_id, run_name=config.name, tags=tags
+            folder / PARENT_FILE, experiment_id, run_name=config.name, tags=masked(tags)
         )
         write_run_id(folder / PARENT_FILE, run_id, experiment_id=experiment_id, tracking_uri=tracker.uri,
                      swept_keys=list(swept))
         tracker.set_runs_view(experiment_id, *runs_view(config, list(swept)))
         snapshot = folder / f"{kind}_config.yaml"
         snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(OmegaConf.to_yaml(config))
+        snapshot.write_text(mask(OmegaConf.to_yaml(config)))
         tracker.log_artifact(run_id, snapshot, "config")
         log.info(
             "mlflow: %s parent run %s (%s) in experiment %r at %s",
@@ -361,14 +380,14 @@ class PipelineCallback(Callback):
         journal = journal_for(config, job_dir / CHILD_FILE)
         parent_id = read_run_id(group / PARENT_FILE)
         journal.open_run(normalise_uri(config.tracking.uri), config.tracking.experiment_name,
-                         config.tracking.artifact_location, run_name, tags, parent_run_id=parent_id)
+                         config.tracking.artifact_location, run_name, masked(tags), parent_run_id=parent_id)
         task_cfg = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
         task_cfg.pop("hydra", None)
         for section in task_cfg["downstream"].values():  # a key left None keeps its preset's value: see plan.*
             for key in [k for k, v in (section or {}).items() if v is None]:
                 del section[key]
         job_plan = plan.plan_job(config, job_dir, int(os.environ.get("WORLD_SIZE", 1)))
-        journal.append("params", params={**as_params(task_cfg), **swept, **plan.params(job_plan)})
+        journal.append("params", params=masked({**as_params(task_cfg), **swept, **plan.params(job_plan)}))
         saved = job_dir / ".hydra" / "config.yaml"
         if saved.exists():
             journal.append("artifact", path=str(saved), artifact_path="config")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from densecl.files import write_atomic
-from pipelines import schema
+from pipelines import credentials, schema
 from pipelines.registry import STAGES
 from pipelines.tracking import (
     DATASET_TAG,
@@ -438,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table, written = report(args.overrides, args.parent, args.out, not args.no_log, args.tracking_uri)
+    overrides = credentials.to_environment(args.overrides)  # a password in a URI: into the environment
+    uri = credentials.to_environment([f"tracking.uri={args.tracking_uri}"])[0].partition("=")[2] or None
+    table, written = report(overrides, args.parent, args.out, not args.no_log, uri if args.tracking_uri else None)
     sys.stdout.write(table.markdown())
     log.info("written: %s", ", ".join(str(p) for p in written))
 

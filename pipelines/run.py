@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pipelines import schema
+from pipelines import credentials, schema
 from pipelines.callbacks import journal_for
 from pipelines.launching import apply_cpu_allocation, export_distributed_env, is_global_rank_zero
 from pipelines.stages import run_stages
@@ -78,6 +78,7 @@ if __name__ == "__main__":
     # Options first: Hydra 1.3.8's parser refuses an override after an option (`... -m pretrain.iters=6`;
     # hydra#3053, fixed after that release), and the documented commands put overrides on both sides of `-m`.
     options, overrides = split_arguments(sys.argv[1:])
+    overrides = credentials.to_environment(overrides)  # a password in tracking.uri never reaches the config
     sys.argv[1:] = options + overrides
     try:
         schema.check_override_keys(overrides)

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipelines import credentials
 from pipelines.journal import SUFFIX, Journal
 from pipelines.tracking import PARENT_FILE, Tracker
 
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.folder.is_dir():
         raise SystemExit(f"{args.folder}: not a folder")
-    sent, waiting = sync(args.folder, args.tracking_uri)
+    uri = None
+    if args.tracking_uri:  # a password in the URI: into the environment, where mlflow's client reads it
+        uri = credentials.to_environment([f"tracking.uri={args.tracking_uri}"])[0].partition("=")[2]
+    sent, waiting = sync(args.folder, uri)
     print(f"sent {sent} entries; {waiting} journals still waiting" if waiting else f"sent {sent} entries; all sent")
     sys.exit(1 if waiting else 0)
 

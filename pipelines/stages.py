@@ -36,6 +36,7 @@ from densecl.resume import Reuse, reuse
 from densecl.training.pretrain import load_trained_model, pretrain
 from densecl.transfer import protocol
 from densecl.transfer.custom import DATASET_FILE, PREPARED_FOLDER
+from densecl.transfer.custom_common import class_count
 from densecl.transfer.settings import StageConfig
 from densecl.typed_settings import changes_results
 from densecl.weights.detectron2 import convert_to_detectron2, read_converted
@@ -275,7 +276,7 @@ def _track_custom_dataset(job: Job, stage: str, stage_cfg: StageConfig) -> None:
 def dataset_title(info: dict) -> str:
     """'shelves: 24 train / 8 val images, 2 classes (gadget, widget)'."""
     classes = info["classes"]
-    return (f"{info['name']}: {info['num_train']} train / {info['num_val']} val images, {len(classes)} classes "
+    return (f"{info['name']}: {info['num_train']} train / {info['num_val']} val images, {class_count(len(classes))} "
             f"({', '.join(classes)})")
 
 

@@ -610,3 +610,11 @@ def test_the_pipeline_pretrains_on_the_sets_images_and_names_the_set_in_mlflow_a
     assert "det_voc/dataset.json" in artifacts
     table, _ = report.report([f"paths.output_dir={out}"], log_artifacts=False)
     assert f"det_voc ran on {title}" in table.markdown()
+
+
+def test_the_title_mlflow_shows_counts_the_classes_in_words():
+    from pipelines.stages import dataset_title
+
+    one = {"name": "shelves", "num_train": 8, "num_val": 4, "classes": ["gadget"]}
+    assert dataset_title(one) == "shelves: 8 train / 4 val images, 1 class (gadget)"
+    assert dataset_title({**one, "classes": ["gadget", "widget"]}).endswith("2 classes (gadget, widget)")

@@ -2,6 +2,7 @@
 here from one torchvision ResNet's state dict, and must give back exactly its tensors (fc dropped)."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,16 @@ def test_a_moco_converted_pickle_drops_its_mlp_head_and_converts(resnet, tmp_pat
     converted = read_converted(convert_to_detectron2(pkl, tmp_path / "backbone.pkl"))
     assert not any(k.startswith("stem.fc") for k in converted["model"]) and converted["arch"] == "resnet18"
     assert (converted["model"]["res5.1.conv2.weight"] == resnet["layer4.1.conv2.weight"].numpy()).all()
+
+
+@pytest.mark.detectron2
+def test_a_moco_converted_pickle_given_to_a_transfer_stage_loses_its_head(resnet, tmp_path):
+    """A `.pkl` of the trunk alone is used as it is; one with `stem.fc.*` is converted first (the strict load
+    would refuse the head's weights)."""
+    from densecl.transfer.pretrained import prepare_weights
+
+    pkl = moco_converted_pickle(resnet, tmp_path / "moco_v2_200ep.pkl")
+    prepared = Path(prepare_weights(pkl, tmp_path / "stage"))
+    assert prepared == tmp_path / "stage" / "pretrained_backbone.pkl"
+    assert not any(k.startswith("stem.fc") for k in read_converted(prepared)["model"])
+    assert prepare_weights(prepared, tmp_path / "other") == str(prepared)  # the trunk alone: used as it is

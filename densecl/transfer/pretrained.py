@@ -17,6 +17,7 @@ from densecl.weights.detectron2 import convert_to_detectron2, read_converted
 logger = logging.getLogger(__name__)
 
 CONVERTED_NAME = "pretrained_backbone.pkl"
+HEAD_PREFIX = "stem.fc."  # MoCo's conversion keeps the MLP head, under the stem
 # ResNet parameters in a detectron2 model: (backbone.)(bottom_up.)stem/resN..., or roi_heads.res5 in C4.
 _RESNET_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
 # Not part of the pre-trained trunk: the extra BN after the C4 box head's res5 (MoCo's Res5ROIHeadsExtraNorm).
@@ -24,9 +25,9 @@ _HEAD_ONLY = re.compile(r"(^|\.)res5\.norm\.")
 
 
 def prepare_weights(weights: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
-    """None (random init) stays None; a `.pkl` is used as it is; anything
+    """None (random init) stays None; a detectron2 `.pkl` of the trunk alone is used as it is; anything else
     densecl.weights.published.load_backbone_weights accepts (exported backbone, densecl checkpoint, torchvision
-    ImageNet checkpoint) is converted into
+    ImageNet checkpoint, a MoCo-converted `.pkl` that kept its MLP head as `stem.fc.*`) is converted into
     `output_dir/pretrained_backbone.pkl`."""
     if weights is None or str(weights) == "":
         return None
@@ -34,8 +35,9 @@ def prepare_weights(weights: str | os.PathLike | None, output_dir: str | os.Path
     if not path.is_file():
         raise FileNotFoundError(f"starting weights not found: {path}")
     if path.suffix == ".pkl":
-        read_converted(path)  # fail now, not after the data loaders started
-        return str(path)
+        data = read_converted(path)  # fail now, not after the data loaders started
+        if not any(key.startswith(HEAD_PREFIX) for key in data["model"]):
+            return str(path)
     return str(convert_to_detectron2(path, Path(output_dir) / CONVERTED_NAME))
 
 

@@ -35,6 +35,7 @@ from densecl.typed_settings import (
     neutral,
     plain,
     result,
+    role_of,
 )
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -126,11 +127,6 @@ class StageConfig:
     # values the published code runs besides the reference's, by key: no deviation (the official repository
     # has ResNet-101 configs and results: VOC det 61.3 AP, VOC seg 74.1 mIoU)
     PROTOCOL_ALTERNATIVES: ClassVar[dict[str, tuple]] = {"arch": ("resnet50", "resnet101")}
-    # where a custom run differs from the `custom` preset, these are left out of the plan's comparison: they
-    # say where the data are and how the run shows itself, not what it trains
-    _NOT_SCHEDULE: ClassVar[frozenset[str]] = frozenset({"custom", "data_root", "synthetic_root", "synthetic", "seed",
-                                                        "device", "progress", "log_period", "strict_protocol"})
-
     @classmethod
     def preset(cls, name: str, **overrides: Any):
         """The preset `name` (one of PRESETS), with `overrides` replacing its fields."""
@@ -254,13 +250,13 @@ class StageConfig:
         }
 
     def _against_custom_preset(self) -> dict[str, str] | str:
-        """What a run on the user's set changes from the `custom` preset (a CPU-sized schedule shrinks it):
-        {field: 'value (custom: preset's)'}."""
+        """What a run on the user's set changes from the `custom` preset in what it trains and how it is scored
+        (the protocol's fields: a CPU-sized schedule shrinks them): {field: 'value (custom: preset's)'}."""
         reference = self.preset("custom", arch=self.arch)
         changed = {}
         for f in dataclasses.fields(self):
             value, preset = getattr(self, f.name), getattr(reference, f.name)
-            if f.name not in self._NOT_SCHEDULE and plain(value) != plain(preset):
+            if role_of(f).protocol and plain(value) != plain(preset):
                 changed[f.name] = f"{_shown(value)} (custom: {_shown(preset)})"
         return changed or "none"
 

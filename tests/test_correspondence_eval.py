@@ -98,13 +98,13 @@ def test_evaluation_views_reuse_the_training_file_list(tmp_path, monkeypatch):
 
 def test_engine_logs_the_curve_from_iteration_zero_and_keeps_the_weights(tmp_path):
     logged = {}
-    cfg = tiny_config(corr_eval_crop=128, corr_eval_pairs=4, corr_eval_every=2)
+    cfg = tiny_config(corr_eval_crop=128, corr_eval_pairs=4, corr_eval_every=2, ckpt_every=100)  # the last only
     result = pretrain(cfg, tmp_path / "with", on_step=lambda step, m: logged.setdefault(step, m))
     steps = [step for step, metrics in logged.items() if "corr_acc_eval" in metrics]
     assert steps == [0, 2, 4, 6]
     assert logged[0]["corr_eval_regions"] == 4
     assert result.metrics["corr_acc_eval"] == logged[6]["corr_acc_eval"]  # the final figure is the last evaluation
-    pretrain(tiny_config(), tmp_path / "without")
+    pretrain(tiny_config(ckpt_every=100), tmp_path / "without")
     with_eval = load_checkpoint(tmp_path / "with" / "checkpoint.pt", torch.device("cpu"))["model"]
     without = load_checkpoint(tmp_path / "without" / "checkpoint.pt", torch.device("cpu"))["model"]
     for key, value in without.items():

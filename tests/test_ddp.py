@@ -1,4 +1,10 @@
-"""Two gloo processes on CPU: DDP with shuffle-BN, all-gathered keys, identical replicas."""
+"""Two gloo processes on CPU: DDP with shuffle-BN, all-gathered keys, identical replicas.
+
+Starting two processes that import torch and the engine takes most of the time of such a test (~10 s on 2
+cores), so the two ranks are spawned once for the module: each runs the shuffle round trip, then both
+trainings (plain BN, split BN), each part in a process group of its own on a port of its own, and leaves its
+reports in the part's folder; the tests read them. A part that raises stops both ranks (mp.spawn), and every
+test of the module errors with its traceback."""
 
 import os
 import socket
@@ -13,6 +19,10 @@ from densecl.method.settings import BackboneConfig
 from densecl.training.pretrain import prepare_device
 from densecl.training.settings import PretrainConfig, TrainingConfig
 
+pytestmark = pytest.mark.xdist_group("ddp")  # under pytest-xdist, the module's tests in one worker: one spawn
+
+BN_SPLITS = (1, 2)  # 2: split BN inside each rank as well as shuffle-BN across them
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,11 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn_splits: int = 1) -> None:
+def train_rank(rank: int, world: int, port: int, report_dir: str, bn_splits: int = 1) -> None:
+    """A 3-step pre-training into report_dir/run; the model's final state and whether each step's key batch
+    was shuffled across the ranks go to report_dir/rank<rank>.pt."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    torch.set_num_threads(1)
     import densecl.method.model as model_module
     import densecl.training.pretrain as engine
 
@@ -49,7 +60,10 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn
                                 progress=False, ckpt_every=100, log_every=1, bn_splits=bn_splits),
         device="cpu",
     )
-    result = engine.pretrain(cfg, out_dir)
+    try:
+        result = engine.pretrain(cfg, os.path.join(report_dir, "run"))
+    finally:  # the next part starts from the engine as it is
+        engine.build_model, model_module.shuffle_batch = build_model, shuffle_batch
     model = built[0]
     torch.save(
         {
@@ -61,13 +75,55 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, report_dir: str, bn
     )
 
 
+def shuffle_round_trip(rank: int, world: int, port: int, report_dir: str) -> None:
+    import torch.distributed as dist
+
+    from densecl.distributed import shuffle_batch, unshuffle_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # the ranks draw different permutations: rank 0's is the one broadcast
+        images = (torch.arange(8) + 8 * rank).float().view(8, 1)  # each image carries its global id
+        shuffled, unshuffle = shuffle_batch(images)
+        keys = unshuffle_batch(shuffled * 1.0, unshuffle)  # an "encoder" that keeps each input's id
+        torch.save({"shuffled": shuffled, "keys": keys}, os.path.join(report_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+PARTS = {"round_trip": shuffle_round_trip} | {
+    f"bn_splits={g}": lambda rank, world, port, report_dir, g=g: train_rank(rank, world, port, report_dir, g)
+    for g in BN_SPLITS
+}
+
+
+def run_parts(rank: int, world: int, ports: list[int], root: str) -> None:
+    """One rank: every part in turn, each with its own port, into root/<part>/."""
+    torch.set_num_threads(1)
+    for (name, part), port in zip(PARTS.items(), ports, strict=True):
+        report_dir = os.path.join(root, name)
+        os.makedirs(report_dir, exist_ok=True)
+        part(rank, world, port, report_dir)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder of every part's reports, from two ranks spawned once."""
+    root = tmp_path_factory.mktemp("ddp")
+    mp.spawn(run_parts, args=(2, [free_port() for _ in PARTS], str(root)), nprocs=2, join=True)
+    return root
+
+
+def reports(root, part: str) -> list[dict]:
+    return [torch.load(root / part / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bn_splits", [1, 2])  # 2: split BN inside each rank as well as shuffle-BN across them
-def test_two_gloo_processes_train_in_lockstep_with_shuffle_bn(tmp_path, bn_splits):
-    out, reports = tmp_path / "run", tmp_path / "reports"
-    reports.mkdir()
-    mp.spawn(run_rank, args=(2, free_port(), str(out), str(reports), bn_splits), nprocs=2, join=True)
-    r0, r1 = (torch.load(reports / f"rank{r}.pt", weights_only=True) for r in range(2))
+@pytest.mark.parametrize("bn_splits", BN_SPLITS)
+def test_two_gloo_processes_train_in_lockstep_with_shuffle_bn(two_ranks, bn_splits):
+    r0, r1 = reports(two_ranks, f"bn_splits={bn_splits}")
+    out = two_ranks / f"bn_splits={bn_splits}" / "run"
     assert r0["completed"] and r1["completed"]
     assert len(r0["shuffled"]) == 3 and all(r0["shuffled"])  # the key batch really was redistributed
     for key, value in r0["state"].items():
@@ -87,29 +143,13 @@ def test_sync_bn_on_cpu_is_a_clear_error():
         prepare_device(cfg, DistEnv(0, 2, 0), cpu)
 
 
-def shuffle_round_trip(rank: int, world: int, port: int, report_dir: str) -> None:
-    import torch.distributed as dist
-
-    from densecl.distributed import shuffle_batch, unshuffle_batch
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(rank)  # the ranks draw different permutations: rank 0's is the one broadcast
-    images = (torch.arange(8) + 8 * rank).float().view(8, 1)  # each image carries its global id
-    shuffled, unshuffle = shuffle_batch(images)
-    keys = unshuffle_batch(shuffled * 1.0, unshuffle)  # an "encoder" that keeps each input's id
-    torch.save({"shuffled": shuffled, "keys": keys}, os.path.join(report_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
-def test_keys_come_back_to_their_own_rank_and_row_across_two_processes(tmp_path):
+def test_keys_come_back_to_their_own_rank_and_row_across_two_processes(two_ranks):
     """Shuffle-BN across ranks sends images to other ranks' key encoders; unshuffled, every key must be back on
     the rank and in the row of its query (a wrong unshuffle still trains, silently, on mismatched pairs)."""
-    mp.spawn(shuffle_round_trip, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for rank, report in enumerate(reports):
+    reports_ = reports(two_ranks, "round_trip")
+    for rank, report in enumerate(reports_):
         assert report["keys"].flatten().tolist() == [float(i + 8 * rank) for i in range(8)]
-    shuffled = torch.cat([r["shuffled"] for r in reports]).flatten()
+    shuffled = torch.cat([r["shuffled"] for r in reports_]).flatten()
     assert sorted(shuffled.tolist()) == [float(i) for i in range(16)]  # every image went somewhere, once
     assert not torch.equal(shuffled, torch.arange(16.0))  # and the batch really was redistributed

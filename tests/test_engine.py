@@ -24,7 +24,8 @@ from densecl.weights.published import load_backbone_weights
 
 def tiny_config(model: dict | None = None, matching: str = "backbone", data: DataConfig | None = None,
                 **pretrain) -> PretrainConfig:
-    """A few CPU iterations of ResNet-18 at 64 px; keyword arguments are `pretrain` section fields."""
+    """A few CPU iterations of ResNet-18 at 64 px; keyword arguments are `pretrain` section fields. A checkpoint
+    (~140 MB, most of a tiny step's time) every 2 iterations: pass ckpt_every=100 where only the last one matters."""
     train = dict(crop_size=64, batch_size=4, queue_len=16, iters=6, epochs=None, ckpt_every=2, log_every=1,
                  num_workers=0, deterministic=True, progress=False, eval_every=0)
     train.update(pretrain)
@@ -72,7 +73,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, settings):
     def tiny_config(**kw):
         return globals()["tiny_config"](**settings, **kw)
 
-    reference = pretrain(tiny_config(), tmp_path / "straight")
+    reference = pretrain(tiny_config(ckpt_every=100), tmp_path / "straight")  # the final checkpoint only
     assert reference.completed and reference.iterations == 6
 
     class Crash(Exception):
@@ -83,9 +84,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, settings):
             raise Crash
 
     with pytest.raises(Crash):
-        pretrain(tiny_config(), tmp_path / "resumed", on_step=crash_at_five)
+        pretrain(tiny_config(ckpt_every=4), tmp_path / "resumed", on_step=crash_at_five)
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["step"] == 4
-    resumed = pretrain(tiny_config(), tmp_path / "resumed")
+    resumed = pretrain(tiny_config(ckpt_every=4), tmp_path / "resumed")
     assert resumed.iterations == 6
 
     a = load_checkpoint(reference.checkpoint_path)
@@ -145,7 +146,8 @@ def test_a_checkpoint_from_before_a_new_option_resumes_as_its_default(tmp_path):
 
 def test_length_in_epochs(tmp_path):
     steps = []
-    result = pretrain(tiny_config(iters=None, epochs=2), tmp_path, on_step=lambda s, m: steps.append(s))
+    result = pretrain(tiny_config(iters=None, epochs=2, ckpt_every=100), tmp_path,
+                      on_step=lambda s, m: steps.append(s))
     assert result.iterations == 8 and steps == list(range(1, 9))  # 16 images / batch 4 = 4 per epoch
 
 
@@ -154,7 +156,7 @@ def test_the_cosine_can_step_once_per_epoch(tmp_path):
     assert [lr_factor(s, 8, 0, steps_per_epoch=4) for s in range(8)] == [1.0] * 4 + [pytest.approx(0.5)] * 4
     assert lr_factor(5, 8, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 8)))  # per iteration: moves
     lrs = {}
-    pretrain(tiny_config(iters=None, epochs=2, lr_schedule="epoch", base_lr=0.64), tmp_path,
+    pretrain(tiny_config(iters=None, epochs=2, lr_schedule="epoch", base_lr=0.64, ckpt_every=100), tmp_path,
              on_step=lambda s, m: lrs.update({s: m["lr"]}))  # 4 steps per epoch; lr = 0.01 x factor
     assert [lrs[s] for s in range(1, 9)] == pytest.approx([0.01] * 3 + [0.005] * 4 + [0.0])
     with pytest.raises(ConfigValueError, match="pretrain.lr_schedule='epoch' is invalid: .*pretrain.epochs"):
@@ -278,8 +280,9 @@ def test_fp16_on_cpu_warns_and_runs_in_fp32(tmp_path, monkeypatch):
 
 def test_a_queue_holding_the_images_own_keys_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"queue_len=16 with 16 images seen 1.5 times each: .* 100% of the images"):
-        pretrain(tiny_config(iters=6), tmp_path / "repeats")  # 24 samples of 16 images, all in the queue
+        pretrain(tiny_config(iters=6, ckpt_every=100), tmp_path / "repeats")  # 24 samples of 16 images, all queued
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pretrain(tiny_config(iters=4, data=DataConfig(kind="synthetic", num_images=16, image_size=64)),
+        pretrain(tiny_config(iters=4, ckpt_every=100, data=DataConfig(kind="synthetic", num_images=16,
+                                                                     image_size=64)),
                  tmp_path / "one_pass")  # 16 samples: no image comes back

@@ -1,11 +1,13 @@
 """The results where users read them: mlflow's UI on the store a tiny sweep leaves, driven in a real browser
 (Debian's Chromium through Playwright). The link the sweep prints must open the runs table with the child
 runs, a swept param and a stage metric as columns; the parent's report table must render with the sweep's
-numbers. Skipped without Chromium, except under CI=true (.ci/run installs it), where it must run."""
+numbers. Skipped without Chromium, except under CI=true (.ci/run installs it), where it must run.
+
+The sweep (matching x seed) is the pipeline tests' own (tests/conftest.py's `pipeline_sweep`, made once):
+this module only reads its store."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -14,19 +16,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pipelines.tracking import PARENT_TAG, Tracker
-from tests.conftest import skip_or_fail_in_ci
-from tests.test_pipeline import ROOT, TINY
+from tests.conftest import Sweep, skip_or_fail_in_ci
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")]
+pytestmark = pytest.mark.slow
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MATCHINGS = ("backbone", "random")
 
 
 def chromium() -> str:
@@ -36,33 +37,30 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """matching x seed, pre-training and probe only (no detectron2: quick); returns (folder, printed output)."""
-    chromium()
-    out = tmp_path_factory.mktemp("ui_sweep")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_RUN_ID", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.run", "-m", f"matching={','.join(MATCHINGS)}", "seed=0,1",
-         "stages=[pretrain,probe]", *TINY, f"paths.output_dir={out}"],
-        cwd=out, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout
+@dataclass(frozen=True)
+class UI:
+    base: str  # `mlflow ui`'s base URL
+    sweep: Sweep
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Looked for before the sweep is made (the first session fixture the tests ask for): without Chromium,
+    the tests skip locally before any work."""
+    return chromium()
 
 
 @pytest.fixture(scope="module")
-def ui(sweep):
-    """`mlflow ui` on the sweep's store, on a free port; its base URL."""
-    out, _ = sweep
+def ui(chromium_path, pipeline_sweep):
+    """`mlflow ui` on the shared sweep's store, on a free port."""
+    sweep = pipeline_sweep
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{out}/mlflow.db",
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep.out}/mlflow.db",
          "--host", "127.0.0.1", "--port", str(port)],
-        cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=sweep.out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -75,19 +73,29 @@ def ui(sweep):
                 server.kill()
                 pytest.fail(f"mlflow ui did not answer on {base}")
             time.sleep(1)
-    yield base
+    yield UI(base, sweep)
     server.terminate()
     server.wait(timeout=30)
 
 
-@pytest.fixture
-def page():
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    """One headless Chromium for the module's pages."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        yield browser.new_page(viewport={"width": 1800, "height": 1000})
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    # a fresh context (no state shared); wide enough that the grid renders every column of the sweep's view:
+    # it renders only those in sight, and the tags (`group`) come after the params and every stage's metrics
+    context = browser.new_context(viewport={"width": 3000, "height": 1000})
+    yield context.new_page()
+    context.close()
 
 
 def printed_link(stdout: str, base: str) -> str:
@@ -104,31 +112,30 @@ def child_runs(out: Path) -> list:
     return [r for r in runs if PARENT_TAG in r.data.tags]
 
 
-def test_the_printed_link_opens_the_runs_table_with_the_children_a_swept_param_and_a_metric(sweep, ui, page,
-                                                                                            tmp_path):
-    out, stdout = sweep
-    page.goto(printed_link(stdout, ui))
-    names = [f"matching={m},seed={s}" for m in MATCHINGS for s in (0, 1)]
+def test_the_printed_link_opens_the_runs_table_with_the_children_a_swept_param_and_a_metric(ui, page, tmp_path):
+    sweep = ui.sweep
+    page.goto(printed_link(sweep.stdout, ui.base))
+    names = [f"matching={m},seed={s}" for m in sweep.matchings for s in sweep.seeds]
     page.get_by_text(names[0], exact=True).wait_for(timeout=60_000)
     page.screenshot(path=tmp_path / "runs_table.png", full_page=True)
     for name in names:  # every child is a row of its own, not folded under the parent
         assert page.get_by_text(name, exact=True).is_visible(), name
     headers = {h.strip() for h in page.locator('[role="columnheader"]').all_inner_texts()}
     assert {"matching", "seed", "group", "probe/mIoU", "pretrain/loss"} <= headers, headers
-    assert {r.info.run_name for r in child_runs(out)} == set(names)
+    assert {r.info.run_name for r in child_runs(sweep.out)} == set(names)
 
 
-def test_the_parents_report_table_renders_with_the_sweeps_numbers(sweep, ui, page, tmp_path):
-    out, _ = sweep
-    children = child_runs(out)
+def test_the_parents_report_table_renders_with_the_sweeps_numbers(ui, page, tmp_path):
+    sweep = ui.sweep
+    children = child_runs(sweep.out)
     parent = children[0].data.tags[PARENT_TAG]
-    page.goto(f"{ui}/#/experiments/{children[0].info.experiment_id}/runs/{parent}/artifacts/report/table.json")
+    page.goto(f"{ui.base}/#/experiments/{children[0].info.experiment_id}/runs/{parent}/artifacts/report/table.json")
     page.locator('[role="row"]', has_text="backbone").first.wait_for(timeout=60_000)
     page.screenshot(path=tmp_path / "report_table.png", full_page=True)
     rows = [row.split("\n") for row in page.locator('[role="row"]').all_inner_texts()]
     header, body = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
-    assert header[:2] == ["matching", "n"] and set(body) == set(MATCHINGS)
-    for matching in MATCHINGS:  # mean ± sample std over the seeds, from the child runs themselves
+    assert header[:2] == ["matching", "n"] and set(body) == set(sweep.matchings)
+    for matching in sweep.matchings:  # mean ± sample std over the seeds, from the child runs themselves
         values = [r.data.metrics["probe/mIoU"] for r in children if r.data.params["matching"] == matching]
         expected = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert body[matching]["n"] == "2" and body[matching]["probe/mIoU"] == expected, body[matching]

@@ -1,16 +1,16 @@
 """The pipeline end to end, tiny: a sweep leaves parent and child runs with params, curves, final metrics and
 artifacts in the mlflow store; a rerun redoes nothing and adds no run; the report reads the runs; downstream
-stages run on user weights; an interrupted pre-training resumes; submitit_local runs a two-job sweep."""
+stages run on user weights; an interrupted pre-training resumes; submitit_local runs a two-job sweep.
+
+The sweep (matching x seed, every stage) is made once per session by tests/conftest.py's `pipeline_sweep`,
+which the browser tests of the mlflow UI (tests/test_mlflow_ui.py) read too."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,61 +20,9 @@ from pipelines import report, schema
 from pipelines.preemption import GracefulStop
 from pipelines.stages import DONE, planned_stages, run_stages, stage_settings
 from pipelines.tracking import PARENT_TAG, RunLogger, Tracker
+from tests.conftest import HAVE_DETECTRON2, TINY, Sweep, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_:UserWarning")
-
-ROOT = Path(__file__).resolve().parent.parent
-HAVE_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
-STAGES = ["pretrain", "convert"] + (["det_voc", "seg_voc"] if HAVE_DETECTRON2 else []) + ["probe"]
-TINY = [  # seconds per job on 2 cores (mostly start-up)
-    "pretrain.iters=4",
-    "pretrain.batch_size=4",
-    "pretrain.queue_len=16",
-    "pretrain.crop_size=64",
-    "pretrain.log_every=2",
-    "pretrain.ckpt_every=2",
-    "pretrain.eval_every=2",  # the feature-quality signals at 0, 2 and 4, on a few small scenes
-    "pretrain.eval_num_train=8",
-    "pretrain.eval_num_val=4",
-    "pretrain.eval_size=64",
-    "data.num_images=16",
-    "pretrain.figure.num_images=1",
-    "pretrain.figure.crop_size=64",
-    "downstream.synthetic.num_train=8",
-    "downstream.synthetic.num_val=4",
-    # `++`: keys the downstream sections may not list yet (they take any field of the stage's config class)
-    "downstream.det_voc.max_iter=1",
-    "downstream.det_voc.ims_per_batch=2",
-    "++downstream.det_voc.precise_bn=false",
-    "downstream.det_voc.num_workers=0",
-    "++downstream.det_voc.min_size_train=[96]",
-    "++downstream.det_voc.max_size_train=128",
-    "++downstream.det_voc.min_size_test=96",
-    "++downstream.det_voc.max_size_test=128",
-    "downstream.seg_voc.max_iter=1",
-    "downstream.seg_voc.ims_per_batch=2",
-    "downstream.seg_voc.num_workers=0",
-    "++downstream.seg_voc.crop_size=64",
-    "++downstream.seg_voc.img_scale=[320,80]",
-    "downstream.probe.image_size=64",
-    "downstream.probe.input_size=64",
-    "downstream.probe.num_train=8",
-    "downstream.probe.num_val=4",
-    "downstream.probe.epochs=1",
-    "++downstream.probe.batch_size=4",
-]
-
-
-def run_cli(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m pipelines.run ARGS TINY paths.output_dir=OUT` in OUT (-m, if any, comes first in ARGS)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_RUN_ID", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.run", *args, *TINY, f"paths.output_dir={out}"],
-        cwd=out, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def runs_of(out: Path, experiment: str = "default") -> list:
@@ -83,36 +31,33 @@ def runs_of(out: Path, experiment: str = "default") -> list:
     return tracker, tracker.client.search_runs([exp.experiment_id], max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, request):
-    """A two-job sweep, shared by this module's tests; its ~1 GB is removed after them unless one failed."""
-    out = tmp_path_factory.mktemp("sweep")
-    failed_before = request.session.testsfailed
-    result = run_cli(out, "-m", "seed=0,1", f"stages=[{','.join(STAGES)}]")
-    (out / "console.txt").write_text(result.stdout + result.stderr)  # what the terminal showed
-    yield out
-    if request.session.testsfailed == failed_before:
-        shutil.rmtree(out, ignore_errors=True)
-
-
 def job_dirs(out: Path) -> list[Path]:
     return sorted(p for p in (out / "multirun" / "default").iterdir() if (p / "mlflow_run.json").exists())
 
 
+def names(sweep: Sweep) -> set[str]:
+    """The child runs' names: the swept keys only."""
+    return {f"matching={m},seed={s}" for m in sweep.matchings for s in sweep.seeds}
+
+
 @pytest.mark.slow
-def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sweep):
-    tracker, runs = runs_of(sweep)
+def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(pipeline_sweep):
+    sweep = pipeline_sweep
+    tracker, runs = runs_of(sweep.out)
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     children = [r for r in runs if PARENT_TAG in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == len(sweep.matchings) * len(sweep.seeds) == 4
     parent = parents[0]
     assert parent.data.tags["densecl.kind"] == "sweep" and json.loads(
         parent.data.tags["densecl.swept_keys"]
-    ) == ["seed"]
+    ) == ["matching", "seed"]
     assert parent.info.status == "FINISHED"
-    assert {c.data.params["seed"] for c in children} == {"0", "1"}
-    assert {c.info.run_name for c in children} == {"seed=0", "seed=1"}  # the swept keys only
-    assert {c.data.tags["group"] for c in children} == {"all"}  # nothing swept but the seed
+    assert {(c.data.params["matching.name"], c.data.params["seed"]) for c in children} == {
+        (m, str(s)) for m in sweep.matchings for s in sweep.seeds
+    }
+    assert {c.info.run_name for c in children} == names(sweep)  # the swept keys only
+    for child in children:  # the group: the swept keys but the seed (a seed-only sweep: test_submitit_local_...)
+        assert child.data.tags["group"] == f"matching={child.data.params['matching.name']}"
     experiment = tracker.client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # the sweep's end made the report on the parent: the table mlflow renders, and the plots as images
@@ -121,9 +66,10 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
     for child in children:
         assert child.data.tags[PARENT_TAG] == parent.info.run_id and child.info.status == "FINISHED"
         params, metrics = child.data.params, child.data.metrics
-        assert params["model.loss_lambda"] == "0.5" and params["matching.name"] == "backbone"
+        assert params["model.loss_lambda"] == "0.5" and params["matching"] == params["matching.name"]
         assert params["pretrain.iters"] == "4" and params["backbone.arch"] == "resnet18"
         assert child.data.tags["override.seed"] == params["seed"]
+        assert child.data.tags["override.matching"] == params["matching"]
         for name in ("pretrain/loss", "pretrain/loss_dense", "pretrain/corr_acc", "convert/num_tensors", "probe/mIoU"):
             assert name in metrics, name
         if HAVE_DETECTRON2:
@@ -139,53 +85,65 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(sw
         assert [a.path for a in tracker.client.list_artifacts(child.info.run_id, "config")] == [
             "config/config.yaml"
         ]
-    for job in job_dirs(sweep):
-        for stage in STAGES:
+    assert len(job_dirs(sweep.out)) == 4
+    for job in job_dirs(sweep.out):
+        for stage in sweep.stages:
             done = json.loads((job / stage / DONE).read_text())
             assert done["metrics"] == json.loads((job / stage / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_the_terminal_shows_headlines_and_a_summary_and_detectron2_details_go_to_the_stage_logs(sweep):
-    console = (sweep / "console.txt").read_text()
-    assert "stage pretrain: done in" in console and "| seed=0 | pretrain | loss " in console
+def test_the_terminal_shows_headlines_and_a_summary_and_detectron2_details_go_to_the_stage_logs(pipeline_sweep):
+    sweep = pipeline_sweep
+    console = sweep.console
+    assert "stage pretrain: done in" in console and "| matching=backbone,seed=0 | pretrain | loss " in console
     assert "then open http://127.0.0.1:5000/#/experiments/" in console
     if HAVE_DETECTRON2:
         assert "(trivial: " in console  # segmentation's floor beside its mIoU
         for detail in ("Starting training from iteration", "GeneralizedRCNN("):  # detectron2's own log: model dump
             assert detail not in console, detail
-            assert all(detail in (job / "det_voc" / "log.txt").read_text() for job in job_dirs(sweep)), detail
+            assert all(detail in (job / "det_voc" / "log.txt").read_text() for job in job_dirs(sweep.out)), detail
 
 
 @pytest.mark.slow
-def test_rerunning_the_sweep_does_no_work_and_adds_no_run(sweep):
-    _, before = runs_of(sweep)
-    files = [p for job in job_dirs(sweep) for stage in STAGES for p in (job / stage).rglob("*")]
+def test_rerunning_the_sweep_does_no_work_and_adds_no_run(pipeline_sweep):
+    sweep = pipeline_sweep
+    _, before = runs_of(sweep.out)
+    files = [p for job in job_dirs(sweep.out) for stage in sweep.stages for p in (job / stage).rglob("*")]
     stamps = {p: p.stat().st_mtime_ns for p in files}
-    result = run_cli(sweep, "-m", "seed=0,1", f"stages=[{','.join(STAGES)}]")
-    _, after = runs_of(sweep)
+    result = run_cli(sweep.out, *sweep.args)
+    _, after = runs_of(sweep.out)
     assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
-    assert result.stdout.count("already done") + result.stderr.count("already done") == 2 * len(STAGES)
+    jobs = len(sweep.matchings) * len(sweep.seeds)
+    assert result.stdout.count("already done") + result.stderr.count("already done") == jobs * len(sweep.stages)
 
 
 @pytest.mark.slow
-def test_report_builds_its_table_from_the_sweep(sweep):
-    _, runs = runs_of(sweep)
-    table, written = report.report([f"paths.output_dir={sweep}"])
-    assert table.row_keys == ["all"] and list(table.summary["n"]) == [2]
-    values = [r.data.metrics["pretrain/loss_dense"] for r in runs if PARENT_TAG in r.data.tags]
-    assert table.summary["pretrain/loss_dense mean"].iloc[0] == pytest.approx(sum(values) / 2)
-    assert (sweep / "multirun" / "default" / "report" / "table.md") in written
+def test_report_builds_its_table_from_the_sweep(pipeline_sweep):
+    sweep = pipeline_sweep
+    _, runs = runs_of(sweep.out)
+    table, written = report.report([f"paths.output_dir={sweep.out}"])
+    assert table.row_keys == ["matching"] and list(table.summary["n"]) == [2, 2]  # a row per matching, 2 seeds
+    for matching in sweep.matchings:  # mean over the seeds (a seed-only sweep's one row: tests/test_report.py)
+        values = [r.data.metrics["pretrain/loss_dense"] for r in runs
+                  if PARENT_TAG in r.data.tags and r.data.params["matching"] == matching]  # fmt: skip
+        row = table.summary[table.summary["matching"] == matching]
+        assert row["pretrain/loss_dense mean"].iloc[0] == pytest.approx(sum(values) / 2)
+    assert (sweep.out / "multirun" / "default" / "report" / "table.md") in written
 
 
 @pytest.mark.slow
-def test_downstream_stages_run_on_user_weights(sweep, tmp_path):
+def test_downstream_stages_run_on_user_weights(pipeline_sweep, tmp_path):
+    """In-process (the command line is the sweep's test): the stages take a .pth given as pretrain.weights."""
     weights = tmp_path / "my_backbone.pth"  # job folder names hold '=' and ',': they would need quoting
-    shutil.copy(job_dirs(sweep)[0] / "pretrain" / "backbone.pth", weights)
+    shutil.copy(job_dirs(pipeline_sweep.out)[0] / "pretrain" / "backbone.pth", weights)
     stages = ["det_voc"] if HAVE_DETECTRON2 else ["convert"]  # det_voc converts the .pth itself
-    run_cli(sweep, f"pretrain.weights={weights}", f"stages=[{','.join(stages)}]")
-    (job,) = [p for p in (sweep / "runs" / "default").iterdir() if p.is_dir()]
+    cfg = compose_cfg(*TINY, f"pretrain.weights={weights}", f"stages=[{','.join(stages)}]", "tracking=disabled",
+                      f"paths.output_dir={tmp_path}")  # fmt: skip
+    job = tmp_path / "job"
+    assert planned_stages(cfg) == stages
+    run_stages(cfg, job, RunLogger())
     assert not (job / "pretrain").exists()
     for stage in stages:
         assert (job / stage / DONE).is_file()
@@ -243,17 +201,23 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+    """The launcher under test, not the training: two 2-step pre-trainings, without the evaluations."""
     run_cli(
-        tmp_path, "-m", "hydra/launcher=submitit_local", "seed=0,1", "stages=[pretrain]",
-        "pretrain.figure.enabled=false", "tracking.log_backbone=false",
+        tmp_path, "-m", "hydra/launcher=submitit_local", "seed=0,1", "stages=[pretrain]", "pretrain.iters=2",
+        "pretrain.eval_every=0", "pretrain.corr_eval_crop=null", "pretrain.figure.enabled=false",
+        "tracking.log_backbone=false",
     )  # fmt: skip
     sweep_dir = tmp_path / "multirun" / "default"
     assert (sweep_dir / ".submitit").is_dir()
     jobs = job_dirs(tmp_path)
     assert len(jobs) == 2 and all((job / "pretrain" / DONE).is_file() for job in jobs)
     _, runs = runs_of(tmp_path)
+    (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
     children = [r for r in runs if PARENT_TAG in r.data.tags]
+    assert json.loads(parent.data.tags["densecl.swept_keys"]) == ["seed"]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert {c.info.run_name for c in children} == {"seed=0", "seed=1"}  # the swept keys only
+    assert {c.data.tags["group"] for c in children} == {"all"}  # nothing swept but the seed
     assert all("pretrain/loss" in r.data.metrics for r in children)
 
 

@@ -46,6 +46,7 @@ log = logging.getLogger("pipelines.report")
 
 SKIPPED_SUFFIXES = ("/seconds", "_trivial")  # timings and the floors beside the headline figures
 TABLE_ARTIFACT = "report/table.json"  # the parent run's table, as mlflow's UI renders tables
+UI_DOT = "\u2024"  # ONE DOT LEADER: a dot to the eye, not to the UI's table (Table.for_the_ui)
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mAcc", "pAcc")
 PRETRAIN_METRICS = (
     "pretrain/loss",
@@ -78,6 +79,12 @@ class Table:
             means, stds = self.summary[f"{m} mean"], self.summary[f"{m} std"]
             frame[m] = [format_mean_std(mean, std, digits) for mean, std in zip(means, stds)]
         return frame
+
+    def for_the_ui(self, digits: int = 2) -> pd.DataFrame:
+        """`display()` for mlflow's table viewer, which reads a column name with a dot as a nested field and shows
+        its cells empty (`model.loss_lambda`): each dot becomes a one-dot leader, which looks the same."""
+        frame = self.display(digits)
+        return frame.rename(columns={c: c.replace(".", UI_DOT) for c in frame.columns})
 
     def markdown(self, digits: int = 2) -> str:
         frame = self.display(digits)
@@ -418,7 +425,7 @@ def report_sweep(cfg, tracker: Tracker, parent_id: str, out_dir: Path | None = N
     if log_artifacts:
         for path in written:
             tracker.log_artifact(parent_id, path, "report" if path.parent == out_dir else "report/plots")
-        tracker.call(tracker.client.log_table, parent_id, table.display(), TABLE_ARTIFACT)
+        tracker.call(tracker.client.log_table, parent_id, table.for_the_ui(), TABLE_ARTIFACT)
         for path in written:
             if path.suffix == ".png":
                 tracker.log_image(parent_id, path, key=f"report/{path.stem}")

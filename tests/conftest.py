@@ -199,3 +199,78 @@ def pipeline_sweep(tmp_path_factory, request) -> Sweep:
     result = run_cli(out, *args)
     (out / "console.txt").write_text(result.stdout + result.stderr)  # what the terminal showed
     return Sweep(out, result.stdout, result.stdout + result.stderr, args, SWEEP_STAGES, SWEEP_MATCHINGS, SWEEP_SEEDS)
+
+
+# ------------------------------------------------------------------------- a tracking server, and a SLURM sweep
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real mlflow server on PostgreSQL with basic auth (tests/servers.py), for the session."""
+    from tests.servers import MlflowServer, postgres_or_skip
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), postgres_or_skip()).start()
+    yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class ServerSweep:
+    """A SLURM sweep (two loss weights, one seed) that logged through `server`, stopped for `outage_s` while it
+    ran, into its own mlflow experiment `name` (the store outlives a local test session)."""
+
+    out: Path
+    name: str
+    sweep_dir: Path
+    server: object  # tests.servers.MlflowServer
+    console: str
+    lambdas: tuple[str, ...]
+    iterations: int
+    outage_s: float
+
+
+OUTAGE_S = 60  # how long the server is down while the SLURM sweep runs
+
+
+@pytest.fixture(scope="session")
+def server_sweep(tmp_path_factory, tracking_server) -> ServerSweep:
+    """Two tiny pre-training jobs (model.loss_lambda 0.3, 0.7) through SLURM (`.ci/slurm_up.sh`'s cluster),
+    tracked by `tracking_server`, the password in tracking.uri: once the first job has started, the server stops
+    for OUTAGE_S seconds and starts again. Read by tests/test_slurm.py (what the store holds) and
+    tests/test_mlflow_ui.py (the server's UI)."""
+    import time
+    import uuid
+
+    from tests.servers import SLURM_TINY, slurm_unavailable_reason
+
+    reason = slurm_unavailable_reason()
+    if reason is not None:
+        skip_or_fail_in_ci(f"the SLURM tests cannot run: {reason}")
+    out, lambdas, iterations = tmp_path_factory.mktemp("server_sweep"), ("0.3", "0.7"), 12
+    job_name, name = f"densecl-test-{uuid.uuid4().hex[:10]}", f"server-{uuid.uuid4().hex[:8]}"
+    args = ["-m", *SLURM_TINY, f"hydra.launcher.name={job_name}", f"paths.output_dir={out}", f"name={name}",
+            f"model.loss_lambda={','.join(lambdas)}", f"pretrain.iters={iterations}", "pretrain.log_every=1",
+            "tracking=server", f"tracking.uri={tracking_server.uri_with(tracking_server.password)}",
+            f"tracking.flush_timeout_s={3 * OUTAGE_S}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    log = out / "console.txt"
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=out, stdout=handle,
+                                   stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(ROOT)})
+    sweep_dir = out / "multirun" / name
+    try:
+        deadline = time.monotonic() + 300
+        while not list(sweep_dir.glob("*/mlflow_run.journal.jsonl")):  # a job runs: the parent run is open
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        tracking_server.stop()
+        stopped = time.monotonic()
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
+        tracking_server.start()
+        outage = time.monotonic() - stopped
+        assert process.wait(timeout=900) == 0, log.read_text()[-5000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
+    return ServerSweep(out, name, sweep_dir, tracking_server, log.read_text(), lambdas, iterations, outage)

@@ -8,6 +8,7 @@ this module only reads its store."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -139,3 +140,48 @@ def test_the_parents_report_table_renders_with_the_sweeps_numbers(ui, page, tmp_
         values = [r.data.metrics["probe/mIoU"] for r in children if r.data.params["matching"] == matching]
         expected = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert body[matching]["n"] == "2" and body[matching]["probe/mIoU"] == expected, body[matching]
+
+
+@pytest.mark.slurm
+def test_the_ui_of_a_tracking_server_shows_the_sweep_and_its_report(server_sweep, browser, chromium_path, tmp_path):
+    """The same, served by the tracking server on PostgreSQL behind basic auth that the SLURM sweep logged to
+    through its outage (tests/conftest.py's `server_sweep`): the link the sweep printed, then the report."""
+    server = server_sweep.server
+    context = browser.new_context(viewport={"width": 3000, "height": 1000},
+                                  http_credentials={"username": "admin", "password": server.password})
+    page = context.new_page()
+    try:
+        match = re.search(r"open (http://127\.0\.0\.1:\d+/#/experiments/(\d+)/runs\?\S*viewStateShareKey=\S+)",
+                          server_sweep.console)
+        assert match and match.group(1).startswith(server.uri), server_sweep.console[-2000:]
+        page.goto(match.group(1))
+        names = [f"model.loss_lambda={value}" for value in server_sweep.lambdas]
+        page.get_by_role("link", name=names[0], exact=True).wait_for(timeout=60_000)
+        page.screenshot(path=tmp_path / "server_runs_table.png", full_page=True)
+        for name in names:  # a row each, named by its run's swept key
+            assert page.get_by_role("link", name=name, exact=True).count() == 1, name
+        headers = {h.strip() for h in page.locator('[role="columnheader"]').all_inner_texts()}
+        assert {"model.loss_lambda", "pretrain/loss"} <= headers, headers
+
+        os.environ.update(server.client_environment())
+        try:
+            tracker = Tracker(server.uri)
+            runs = tracker.client.search_runs([match.group(2)])
+        finally:
+            for name in server.client_environment():
+                os.environ.pop(name)
+        children = [r for r in runs if PARENT_TAG in r.data.tags]
+        parent = children[0].data.tags[PARENT_TAG]
+        page = context.new_page()  # a page of its own: the runs table's hidden rows stay in the first one
+        page.goto(f"{server.uri}/#/experiments/{match.group(2)}/runs/{parent}/artifacts/report/table.json")
+        page.locator('[role="row"]', has_text=server_sweep.lambdas[0]).first.wait_for(timeout=60_000)
+        page.screenshot(path=tmp_path / "server_report_table.png", full_page=True)
+        rows = [row.split("\n") for row in page.locator('[role="row"]').all_inner_texts()]
+        header, body = rows[0], {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+        # a swept key's dots are one-dot leaders there (pipelines.report: the table viewer would show no value)
+        assert header[:2] == ["model\u2024loss_lambda", "n"] and set(body) == set(server_sweep.lambdas)
+        for run in children:  # one seed: the mean is the run's own value
+            shown = body[run.data.params["model.loss_lambda"]]["pretrain/loss"]
+            assert shown == f"{run.data.metrics['pretrain/loss']:.2f}", shown
+    finally:
+        context.close()

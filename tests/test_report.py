@@ -49,6 +49,18 @@ def test_table_groups_by_swept_values_and_averages_seeds():
     assert markdown.splitlines()[0] == "| matching | n | det_voc/AP | det_voc/AP50 | pretrain/loss |"
 
 
+def test_the_table_for_the_ui_has_no_dotted_column_a_viewer_would_leave_empty():
+    """mlflow's table viewer reads `model.loss_lambda` as a nested field and shows its cells empty."""
+    runs = fake_runs(np.random.default_rng(1))
+    runs = runs.rename(columns={"tags.override.matching": "tags.override.model.num_regions"})
+    swept = ["model.num_regions", "seed"]
+    table = report.build_table(runs, swept, ["seed"], value_order={"model.num_regions": MATCHINGS})
+    shown = table.for_the_ui()
+    assert not any("." in c for c in shown.columns)
+    assert list(shown.columns[:2]) == ["model\u2024num_regions", "n"]
+    assert shown.iloc[:, 0].tolist() == table.display().iloc[:, 0].tolist() == list(MATCHINGS)
+
+
 def test_the_table_names_the_labelled_sets_the_stages_ran_on():
     runs = fake_runs(np.random.default_rng(2))
     runs["tags.densecl.dataset.det_voc"] = "shelves: 8 train / 4 val images, 2 classes (gadget, widget)"

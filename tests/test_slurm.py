@@ -10,11 +10,10 @@ pass by skipping them). Every wait has a timeout; leftover jobs are cancelled by
 
 from __future__ import annotations
 
+import csv
 import json
-import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,53 +25,14 @@ import pytest
 import torch
 
 from tests.conftest import skip_or_fail_in_ci
+from tests.servers import SLURM_TINY as TINY
+from tests.servers import slurm_unavailable_reason
 
 RUN_TIMEOUT_S = 300  # one pipeline invocation (submission + jobs + requeue); normally 30-90 s
-SLURM_TOOLS = ("sinfo", "scontrol", "sbatch", "squeue", "scancel")
-USABLE_NODE_STATES = ("idle", "mix", "alloc", "comp")
 
-# The tiny pre-training job: a few seconds of CPU per job. One thread per SLURM task (cpus_per_task=1):
-# several torch processes spinning two threads each on two cores slow each other down by an order of magnitude.
-TINY = [
-    "stages=[pretrain]",
-    "device=cpu",
-    "backbone=resnet18",
-    "pretrain.crop_size=32",
-    "pretrain.batch_size=4",
-    "pretrain.queue_len=64",
-    "pretrain.num_workers=0",
-    "pretrain.deterministic=true",
-    "pretrain.figure.enabled=false",
-    "data.num_images=16",
-    "data.image_size=64",
-    "tracking.log_backbone=false",
-    "hydra/launcher=submitit_slurm",
-    # > 10 min: submitit counts any signal in a job of 10 min or less as a time-out (its guaranteed time is 0)
-    "hydra.launcher.timeout_min=30",
-    "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
-]
 
 
 # ------------------------------------------------------------------------------------------------ cluster
-
-
-def slurm_unavailable_reason() -> str | None:
-    """Why the SLURM tests cannot run here, or None when a controller answers and a node is usable."""
-    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
-    if missing:
-        return f"no SLURM client ({', '.join(missing)} not on PATH); CI starts a cluster with .ci/slurm_up.sh"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired as err:
-        return f"SLURM does not answer: {' '.join(err.cmd)} timed out"
-    if ping.returncode != 0 or "UP" not in ping.stdout:
-        return f"no SLURM controller answers `scontrol ping`: {(ping.stdout + ping.stderr).strip()!r}"
-    states = [line.split()[-1] for line in nodes.stdout.splitlines() if line.strip()]
-    if not any(state in USABLE_NODE_STATES for state in states):
-        return f"no usable SLURM node (sinfo node states: {states or 'none'})"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -215,41 +175,56 @@ def test_slurm_launcher_config_exposes_cluster_keys_and_requeues():
 
 
 @pytest.mark.slurm
-def test_two_job_sweep_on_slurm_logs_both_jobs_to_mlflow(job_name, tmp_path):
-    """(a) A two-job sweep goes through SLURM; each job's metrics land in its own child run."""
-    out = tmp_path / "out"
-    iters = 2
-    args = [
-        "-m",
-        *TINY,
-        f"hydra.launcher.name={job_name}",
-        f"paths.output_dir={out}",
-        "name=sweep",
-        f"pretrain.iters={iters}",
-        "pretrain.log_every=1",
-        "pretrain.ckpt_every=1",
-        "seed=0,1",
-    ]
-    log = tmp_path / "sweep.log"
-    run_pipeline(args, tmp_path, log)
+def test_a_sweep_on_slurm_logs_through_a_tracking_server_that_stops_for_a_minute(server_sweep):
+    """(a) A two-job sweep goes through SLURM, tracked by an mlflow server on PostgreSQL that stops for a minute
+    while the jobs run: each job finishes and its run holds every point its journal holds, exactly once; the
+    parent holds the sweep's report, made from its children; the password given in tracking.uri is nowhere."""
+    from pipelines.journal import Journal
+    from pipelines.tracking import CHILD_FILE, Tracker
 
-    sweep_dir = out / "multirun" / "sweep"
-    # both ran as SLURM array tasks: submitit wrote a result for each
-    results = submitit_logs(sweep_dir, "*_result.pkl")
-    assert len(results) == 2, f"expected 2 SLURM job results, found {results}\n{tail(log)}"
-    assert len(job_dirs(sweep_dir)) == 2
-
-    runs = child_runs(out, "sweep", sweep_dir)
-    assert len(runs) == 2, f"expected 2 child runs, got {[r.info.run_name for r in runs]}"
-    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
-    for run in runs:
-        assert run.info.status == "FINISHED", run.info
-        metrics = run.data.metrics
-        assert metrics.get("pretrain/iterations") == iters, metrics
-        assert math.isfinite(metrics["pretrain/loss"]) and metrics["pretrain/loss"] > 0, metrics
-        assert Path(run.data.tags["densecl.job_dir"]).parent == sweep_dir.absolute()
-    losses = [r.data.metrics["pretrain/loss"] for r in runs]
-    assert losses[0] != losses[1], "two seeds gave identical losses: the seed override did not reach the jobs"
+    sweep, server = server_sweep, server_sweep.server
+    assert server_sweep.outage_s >= 60
+    results = submitit_logs(sweep.sweep_dir, "*_result.pkl")
+    assert len(results) == 2, f"expected 2 SLURM job results, found {results}"
+    jobs = job_dirs(sweep.sweep_dir)
+    assert len(jobs) == 2
+    job_logs = all_job_logs(sweep.sweep_dir)
+    os.environ.update(server.client_environment())
+    try:
+        tracker = Tracker(server.uri)
+        losses = {}
+        for job in jobs:
+            journal = Journal(job / CHILD_FILE, lambda: tracker)
+            assert journal.pending() == [], f"{job.name}: entries left unsent\n{job_logs}"
+            points: dict[str, list] = {}
+            for entry in journal.entries():
+                for step, values in entry.get("points", []):
+                    for key, value in values.items():
+                        points.setdefault(key, []).append((step, entry["time_ms"], value))
+            assert len(points["pretrain/loss"]) == sweep.iterations  # every step (the final value is the last)
+            for key, expected in points.items():
+                history = tracker.client.get_metric_history(journal.run_id(), key)
+                assert sorted((p.step, p.timestamp, p.value) for p in history) == sorted(expected), key
+            run = tracker.client.get_run(journal.run_id())
+            assert run.info.status == "FINISHED" and Path(run.data.tags["densecl.job_dir"]).parent == sweep.sweep_dir
+            losses[run.data.params["model.loss_lambda"]] = run.data.metrics["pretrain/loss"]
+        assert sorted(losses) == sorted(sweep.lambdas) and len(set(losses.values())) == 2
+        # the jobs said once that tracking was behind, and once that it caught up (their SLURM logs)
+        assert job_logs.count("mlflow does not answer") == 2 and job_logs.count("mlflow caught up") == 2, job_logs
+        parent = tracker.client.get_run(json.loads((sweep.sweep_dir / "mlflow_parent.json").read_text())["run_id"])
+        assert parent.info.status == "FINISHED"
+        table = Path(tracker.client.download_artifacts(parent.info.run_id, "report/table.csv"))
+        rows = {row["model.loss_lambda"]: row for row in csv.DictReader(table.read_text().splitlines())}
+        assert sorted(rows) == sorted(losses)  # a row per loss weight, from the children the store holds
+        for value, row in rows.items():
+            assert row["n"] == "1" and float(row["pretrain/loss mean"]) == pytest.approx(losses[value])
+    finally:
+        for name in server.client_environment():
+            os.environ.pop(name)
+    written = [p for p in sweep.out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in written)  # submitit's pickles too
+    assert [p for p in written if server.password.encode() in p.read_bytes()] == []
+    assert server.password not in sweep.console
 
 
 @pytest.mark.slurm

@@ -64,7 +64,7 @@ def test_a_registered_stage_is_planned_run_printed_and_reported(tmp_path):
         assert not job_dir.exists()  # planning made nothing
 
         tracker = Tracker(cfg.tracking.uri)
-        experiment = tracker.experiment_id("toy")
+        experiment = tracker.experiment_id("toy", str(tmp_path / "artifacts"))
         parent, _ = tracker.open_run(tmp_path / "parent.json", experiment, "sweep", tags={TAG_SWEPT: "[]"})
         child, _ = tracker.open_run(job_dir / CHILD_FILE, experiment, "job", tags={PARENT_TAG: parent})
         toy_only = schema.compose([f"paths.output_dir={tmp_path}", "stages=[toy]", "downstream.toy.factor=3",

@@ -70,6 +70,13 @@ def test_sweep_leaves_parent_and_child_runs_with_params_metrics_and_artifacts(pi
         assert params["pretrain.iters"] == "4" and params["backbone.arch"] == "resnet18"
         assert child.data.tags["override.seed"] == params["seed"]
         assert child.data.tags["override.matching"] == params["matching"]
+        # what each stage resolved to, as plan=true prints it (pipelines.plan), recorded on the run
+        assert params["plan.pretrain.lr"] == str(0.24 * 4 / 256) and params["plan.pretrain.iterations"] == "4"
+        assert params["plan.probe.epochs"] == "1" and params["plan.probe.features"] == "c4"
+        if HAVE_DETECTRON2:
+            assert params["plan.det_voc.total_batch"] == "2" and params["plan.det_voc.protocol"] == "synthetic"
+            assert params["plan.det_voc.data.synthetic_voc_train"] == "8 images"
+        assert not any(k.startswith("downstream.det_voc.") and v == "None" for k, v in params.items())
         for name in ("pretrain/loss", "pretrain/loss_dense", "pretrain/corr_acc", "convert/num_tensors", "probe/mIoU"):
             assert name in metrics, name
         if HAVE_DETECTRON2:

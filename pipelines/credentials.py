@@ -41,22 +41,22 @@ def to_environment(overrides: Sequence[str], environ: dict | None = None) -> lis
     for override in overrides:
         key, sep, value = override.partition("=")
         if sep and key.lstrip("+~") == "tracking.uri":
-            clean, user, password = split_credentials(value)
-            _store(environ, user, password)
-            override = f"{key}={clean}"
+            override = f"{key}={uri_to_environment(value, environ)}"
         out.append(override)
     if environ.get(URI):
-        clean, user, password = split_credentials(environ[URI])
-        _store(environ, user, password)
-        environ[URI] = clean
+        environ[URI] = uri_to_environment(environ[URI], environ)
     return out
 
 
-def _store(environ: dict, user: str | None, password: str | None) -> None:
+def uri_to_environment(uri: str, environ: dict | None = None) -> str:
+    """`uri` without its user information, which goes to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    environ = os.environ if environ is None else environ
+    clean, user, password = split_credentials(uri)
     if user:
         environ[USERNAME] = user
     if password:
         environ[PASSWORD] = password
+    return clean
 
 
 def mask(text: str) -> str:

@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = credentials.to_environment(args.overrides)  # a password in a URI: into the environment
-    uri = credentials.to_environment([f"tracking.uri={args.tracking_uri}"])[0].partition("=")[2] or None
-    table, written = report(overrides, args.parent, args.out, not args.no_log, uri if args.tracking_uri else None)
+    uri = credentials.uri_to_environment(args.tracking_uri) if args.tracking_uri else None
+    table, written = report(overrides, args.parent, args.out, not args.no_log, uri)
     sys.stdout.write(table.markdown())
     log.info("written: %s", ", ".join(str(p) for p in written))
 

@@ -96,8 +96,8 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, str]:
         value = OmegaConf.select(cfg, key)
         is_section = OmegaConf.is_config(value)
         tree[key] = OmegaConf.to_container(value, resolve=True, enum_to_str=True) if is_section else value
-    schema = pipeline_schema()
-    return {k: v for k, v in as_params(tree).items() if changes_results(schema, k)}
+    schema_cls = pipeline_schema()
+    return {k: v for k, v in as_params(tree).items() if changes_results(schema_cls, k)}
 
 
 def planned_stages(cfg: PipelineConfig | DictConfig) -> list[str]:

@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.folder.is_dir():
         raise SystemExit(f"{args.folder}: not a folder")
-    uri = None
-    if args.tracking_uri:  # a password in the URI: into the environment, where mlflow's client reads it
-        uri = credentials.to_environment([f"tracking.uri={args.tracking_uri}"])[0].partition("=")[2]
+    # a password in the URI: into the environment, where mlflow's client reads it
+    uri = credentials.uri_to_environment(args.tracking_uri) if args.tracking_uri else None
     sent, waiting = sync(args.folder, uri)
     print(f"sent {sent} entries; {waiting} journals still waiting" if waiting else f"sent {sent} entries; all sent")
     sys.exit(1 if waiting else 0)
@@ -77,4 +76,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -103,8 +103,8 @@ def detect_format(ds: CustomDataset, root: Path, task: str) -> tuple[str, str]:
             found.append(("voc", "Annotations/"))
         if yolo:
             found.append(("yolo", yolo[0]))
-        if json_candidates(root):
-            found.append(("coco", str(json_candidates(root)[0].relative_to(root))))
+        if jsons := json_candidates(root):
+            found.append(("coco", str(jsons[0].relative_to(root))))
     else:
         labels = ds.labels or "SegmentationClass"
         if (root / labels).is_dir():

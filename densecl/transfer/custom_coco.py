@@ -17,10 +17,10 @@ from densecl.transfer.custom_common import (
     Obj,
     check_box,
     detection_set,
+    held_out,
     image_size,
     need,
     no_val_split,
-    split_off,
 )
 
 # Where tools put a split's JSON, (train, val), tried in this order when custom.train is not given.
@@ -38,9 +38,7 @@ def read_coco(ds, root: Path, notes: list[str]):
     train_file, val_file = _json_files(ds, root)
     train, declared = _load(train_file, ds, root)
     if ds.val_fraction > 0:
-        if val_file is not None:
-            notes.append(f"val_fraction draws the validation images from the train split; {val_file} is unused")
-        keep, held = split_off(list(range(len(train))), ds.val_fraction, ds.split_seed, str(train_file))
+        keep, held = held_out(list(range(len(train))), ds, str(train_file), val_file, notes)
         train, val = [train[i] for i in keep], [train[i] for i in held]
     elif val_file is None:
         raise no_val_split(str(train_file))

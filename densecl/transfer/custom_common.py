@@ -49,8 +49,13 @@ class PreparedSet:
     notes: list[str] = field(default_factory=list)  # what reading decided for the user: shown with the classes
     found_from: str = ""  # custom.format auto: what in the folder told the format
 
+    def num_images(self, split: str) -> int:
+        """The images of split "train" or "val"."""
+        records = self.train if split == "train" else self.val
+        return len(records["images"]) if isinstance(records, dict) else len(records)
+
     def summary(self) -> dict:
-        counts = {"num_train": _count_images(self.train), "num_val": _count_images(self.val)}
+        counts = {"num_train": self.num_images("train"), "num_val": self.num_images("val")}
         if isinstance(self.train, dict):
             per_class = Counter(a["category_id"] for a in self.train["annotations"] if not a["iscrowd"])
             counts["train_objects_per_class"] = {c: per_class[i + 1] for i, c in enumerate(self.classes)}
@@ -58,10 +63,6 @@ class PreparedSet:
                 "classes": list(self.classes), **counts,
                 "has_masks": self.has_masks, "mask_format": self.mask_format, "ignore_label": self.ignore_label,
                 "notes": list(self.notes)}
-
-
-def _count_images(split: dict | list) -> int:
-    return len(split["images"]) if isinstance(split, dict) else len(split)
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -91,6 +92,29 @@ def split_off(ids: list, fraction: float, seed: int, source: str) -> tuple[list,
         )
     val = set(shuffled[:num_val])
     return [i for i in ids if i not in val], [i for i in ids if i in val]
+
+
+def held_out(ids: list, ds, where: str, unused: object, notes: list[str]) -> tuple[list, list]:
+    """`split_off` by the set's `val_fraction` and `split_seed`; a validation split the set has too (`unused`,
+    None when it has none) is said in `notes` to be unused."""
+    if unused:
+        notes.append(f"val_fraction draws the validation images from the train split; {unused} is unused")
+    return split_off(ids, ds.val_fraction, ds.split_seed, where)
+
+
+def train_and_val_ids(ds, train_ids: list[str], where: str, val_list: Path | None, every_file: bool,
+                      notes: list[str]) -> tuple[list[str], list[str]]:
+    """(train, val) ids of a set of one file per image (VOC's XMLs, label PNGs): a seeded `val_fraction` of the
+    train ids, else the ids `val_list` names, left out of the train ids when those are every file (`every_file`)."""
+    if ds.val_fraction > 0:
+        return held_out(train_ids, ds, where, val_list, notes)
+    if val_list is None:
+        raise no_val_split(where)
+    val_ids = read_ids(val_list)
+    if every_file:
+        held = set(val_ids)
+        train_ids = [i for i in train_ids if i not in held]
+    return train_ids, val_ids
 
 
 def no_val_split(where: str) -> CustomDataError:

@@ -19,9 +19,8 @@ from densecl.transfer.custom_common import (
     find_image,
     image_size,
     need,
-    no_val_split,
     read_ids,
-    split_off,
+    train_and_val_ids,
 )
 
 COLOUR_TABLE = "labelmap.txt"
@@ -85,17 +84,7 @@ def _split_ids(ds, root: Path, label_dir: Path, notes: list[str]) -> tuple[list[
             raise CustomDataError(f"{label_dir}: no label PNG (an empty split)")
     else:
         train_ids, where = read_ids(train_file), str(train_file)
-    if ds.val_fraction > 0:
-        if val_file is not None:
-            notes.append(f"val_fraction draws the validation images from the train split; {val_file} is unused")
-        return split_off(train_ids, ds.val_fraction, ds.split_seed, where)
-    if val_file is None:
-        raise no_val_split(where)
-    val_ids = read_ids(val_file)
-    if train_file is None:  # every label PNG but the val list's
-        held = set(val_ids)
-        train_ids = [i for i in train_ids if i not in held]
-    return train_ids, val_ids
+    return train_and_val_ids(ds, train_ids, where, val_file, every_file=train_file is None, notes=notes)
 
 
 # ------------------------------------------------------------------------------------------- colours

@@ -17,9 +17,8 @@ from densecl.transfer.custom_common import (
     find_image,
     image_size,
     need,
-    no_val_split,
     read_ids,
-    split_off,
+    train_and_val_ids,
 )
 
 # (train, val) list names under ImageSets/Main, the first pair whose train list exists: VOC's own, VOC2007's
@@ -52,17 +51,8 @@ def _split_ids(ds, root: Path, notes: list[str]) -> tuple[list[str], list[str]]:
             raise CustomDataError(f"{where}: no .xml annotation (an empty split)")
     else:
         train_ids, where = read_ids(lists / f"{train_name}.txt"), str(lists / f"{train_name}.txt")
-    if ds.val_fraction > 0:
-        if val_name is not None:
-            notes.append(f"val_fraction draws the validation images from the train split; {val_name}.txt is unused")
-        return split_off(train_ids, ds.val_fraction, ds.split_seed, where)
-    if val_name is None:
-        raise no_val_split(where)
-    val_ids = read_ids(lists / f"{val_name}.txt")
-    if train_name is None:  # every annotation but the val list's
-        held = set(val_ids)
-        train_ids = [i for i in train_ids if i not in held]
-    return train_ids, val_ids
+    val_list = None if val_name is None else lists / f"{val_name}.txt"
+    return train_and_val_ids(ds, train_ids, where, val_list, every_file=train_name is None, notes=notes)
 
 
 def _number(element, tag: str, source: str) -> float | None:

@@ -23,11 +23,11 @@ from densecl.transfer.custom_common import (
     PreparedSet,
     check_metric_names,
     detection_set,
+    held_out,
     image_files,
     image_size,
     need,
     no_val_split,
-    split_off,
 )
 
 YAML_FILES = ("data.yaml", "data.yml", "dataset.yaml")
@@ -50,10 +50,7 @@ def read_yolo(ds, root: Path, task: str, labels: LabelMaps, notes: list[str]) ->
     names = tuple(ds.classes) if ds.classes is not None else layout.names
     train = _images(layout.train, root)
     if ds.val_fraction > 0:
-        if layout.val:
-            notes.append(f"val_fraction draws the validation images from the train split; "
-                         f"{', '.join(map(str, layout.val))} unused")
-        keep, held = split_off(list(range(len(train))), ds.val_fraction, ds.split_seed, layout.where)
+        keep, held = held_out(list(range(len(train))), ds, layout.where, ", ".join(map(str, layout.val)), notes)
         train, val = [train[i] for i in keep], [train[i] for i in held]
     elif not layout.val:
         raise no_val_split(layout.where)
@@ -123,10 +120,7 @@ def _names(root: Path) -> tuple[tuple[str, ...], str]:
     if not files:
         raise CustomDataError(f"{root}: no class names (YOLO: data.yaml, obj.names or classes.txt, one name per "
                               "line in class-id order), and custom.classes is not given")
-    names = tuple(line.strip() for line in files[0].read_text().splitlines() if line.strip())
-    if not names:
-        raise CustomDataError(f"{files[0]}: holds no class name; expected one per line in class-id order")
-    return names, str(files[0])
+    return _names_from(files[0])
 
 
 def _ultralytics(yaml_file: Path, ds, splits: bool = True) -> Layout:

@@ -36,6 +36,7 @@ from densecl.typed_settings import (
     plain,
     result,
     role_of,
+    validate_sections,
 )
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -177,19 +178,13 @@ class StageConfig:
               f"must be divisible by num_gpus={self.num_gpus}")
         check(list(self.steps) == sorted(self.steps) and all(0 < s < self.max_iter for s in self.steps), "steps",
               self.steps, f"must be increasing and inside (0, max_iter={self.max_iter})")
-        try:
-            self.synthetic.validate()
-        except ConfigValueError as err:
-            raise err.within("synthetic") from None
+        validate_sections(self, ("synthetic",))
         self.check_protocol()
         reads_custom = any(is_custom(n) for n in self.dataset_names())
         check(reads_custom == (self.custom is not None), "custom", self.custom,
               "the `custom` preset reads a set given here (format, root, ...); other presets read none")
         if self.custom is not None:
-            try:
-                self.custom.validate()
-            except ConfigValueError as err:
-                raise err.within("custom") from None
+            validate_sections(self, ("custom",))
             check(self.custom.format in (AUTO, *self.CUSTOM_FORMATS), "custom.format", self.custom.format,
                   f"this stage reads {', '.join(self.CUSTOM_FORMATS)} (or {AUTO}: found from the folder)")
 
@@ -266,9 +261,8 @@ class StageConfig:
             return f"{count} images"
         try:
             if is_custom(name):
-                prepared = _read_custom(json.dumps(plain(self.custom), sort_keys=True), self.CUSTOM_TASK)
-                split = prepared.val if name.endswith("_val") else prepared.train
-                return f"{len(split['images']) if isinstance(split, dict) else len(split)} images ({prepared.name})"
+                prepared = self._custom_set()
+                return f"{prepared.num_images('val' if name.endswith('_val') else 'train')} images ({prepared.name})"
             return f"{count_images(name, self.data_root or None)} images"
         except (FileNotFoundError, CustomDataError) as err:
             return f"not readable: {err}"
@@ -278,7 +272,7 @@ class StageConfig:
         else ConfigValueError on `data_root` naming the missing file or folder and the expected layout."""
         if self.custom is not None:
             try:
-                _read_custom(json.dumps(plain(self.custom), sort_keys=True), self.CUSTOM_TASK)
+                self._custom_set()
             except CustomDataError as err:
                 raise ConfigValueError("custom.root", self.custom.root, str(err)) from None
         for name in self.dataset_names():
@@ -288,6 +282,10 @@ class StageConfig:
                 _check_layout(name, self.data_root or None, self.synthetic_root or None)
             except FileNotFoundError as err:
                 raise ConfigValueError("data_root", self.data_root, f"data set {name}: {err}") from None
+
+    def _custom_set(self):
+        """The user's set read and checked, once per process (`_read_custom`)."""
+        return _read_custom(json.dumps(plain(self.custom), sort_keys=True), self.CUSTOM_TASK)
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], *, arch: str, device: str, seed: int,

@@ -30,5 +30,3 @@ def save_backbone(weights: dict[str, torch.Tensor], path: str | os.PathLike, arc
     """Write {'state_dict', 'arch', 'author'} atomically (densecl.files.write_atomic)."""
     payload = {"state_dict": weights, "arch": arch, "author": EXPORT_AUTHOR}
     return write_atomic(path, lambda file: torch.save(payload, file))
-
-

@@ -46,7 +46,6 @@ def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if "stem.conv1.weight" in state:
         # MoCo's convert-pretrain-to-detectron2.py keeps the encoder's MLP head, renamed stem.fc.*: not backbone
         weights = {torchvision_name(k): torch.as_tensor(v) for k, v in state.items()}
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         # detectron2's files drop BN's step counters (not weights): they come back as 0, as in a fresh ResNet
         counters = [k.replace("running_mean", "num_batches_tracked") for k in weights if k.endswith("running_mean")]
         weights.update({k: torch.tensor(0) for k in counters})
@@ -57,9 +56,9 @@ def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
             raise ValueError(f"{path}: no ResNet backbone in a layout this loader knows. Its first keys: "
                              f"{list(state)[:8]}. Accepted: {accepted}")
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         if arch is None and isinstance(obj.get("config"), dict):  # a densecl training checkpoint
             arch = obj["config"].get("backbone", {}).get("arch")
+    weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}  # a classifier, or MoCo's MLP head
     bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path}: the backbone's entries must be tensors; not so for {bad[:5]}")

@@ -41,6 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_stored_once(tracker, job_dir: Path, context: str = "") -> dict[str, list[tuple[int, int, float]]]:
+    """Every metric point the job's journal holds is in the store exactly once, with its step, time and value;
+    returns those points by metric name. `context`: shown when something was left unsent."""
+    from pipelines.journal import Journal
+    from pipelines.tracking import CHILD_FILE
+
+    journal = Journal(job_dir / CHILD_FILE, lambda: tracker)
+    assert journal.pending() == [], f"{job_dir.name}: entries left unsent\n{context}"
+    points: dict[str, list[tuple[int, int, float]]] = {}
+    for entry in journal.entries():
+        if entry["op"] == "metrics":
+            for step, values in entry["points"]:
+                for name, value in values.items():
+                    points.setdefault(name, []).append((step, entry["time_ms"], value))
+    for name, expected in points.items():
+        history = tracker.client.get_metric_history(journal.run_id(), name)
+        assert sorted((p.step, p.timestamp, p.value) for p in history) == sorted(expected), name
+    return points
+
+
 class MlflowServer:
     """`mlflow server --app-name basic-auth` on PostgreSQL, serving artifacts from `folder`."""
 

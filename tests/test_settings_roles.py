@@ -63,7 +63,8 @@ def test_a_subclass_that_changes_a_default_keeps_the_role():
 
 def test_the_protocol_compares_what_is_trained_and_how_it_is_scored():
     """The fields outside every published protocol: where and how fast a stage runs, where its data are, its
-    seed, the user's own set, and num_gpus (compared as `norm`)."""
+    seed, the user's own set, and num_gpus (BN statistics cover the total batch either way: ims_per_batch is
+    compared)."""
     outside = {f.name for f in dataclasses.fields(StageConfig) if not role_of(f).protocol}
     assert outside == {"device", "seed", "num_workers", "progress", "log_period", "checkpoint_period",
                        "eval_period", "data_root", "synthetic_root", "synthetic", "num_gpus", "custom",

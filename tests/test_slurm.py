@@ -179,8 +179,8 @@ def test_a_sweep_on_slurm_logs_through_a_tracking_server_that_stops_for_a_minute
     """(a) A two-job sweep goes through SLURM, tracked by an mlflow server on PostgreSQL that stops for a minute
     while the jobs run: each job finishes and its run holds every point its journal holds, exactly once; the
     parent holds the sweep's report, made from its children; the password given in tracking.uri is nowhere."""
-    from pipelines.journal import Journal
     from pipelines.tracking import CHILD_FILE, Tracker
+    from tests.servers import assert_stored_once
 
     sweep, server = server_sweep, server_sweep.server
     assert server_sweep.outage_s >= 60
@@ -194,18 +194,9 @@ def test_a_sweep_on_slurm_logs_through_a_tracking_server_that_stops_for_a_minute
         tracker = Tracker(server.uri)
         losses = {}
         for job in jobs:
-            journal = Journal(job / CHILD_FILE, lambda: tracker)
-            assert journal.pending() == [], f"{job.name}: entries left unsent\n{job_logs}"
-            points: dict[str, list] = {}
-            for entry in journal.entries():
-                for step, values in entry.get("points", []):
-                    for key, value in values.items():
-                        points.setdefault(key, []).append((step, entry["time_ms"], value))
+            points = assert_stored_once(tracker, job, context=job_logs)
             assert len(points["pretrain/loss"]) == sweep.iterations  # every step (the final value is the last)
-            for key, expected in points.items():
-                history = tracker.client.get_metric_history(journal.run_id(), key)
-                assert sorted((p.step, p.timestamp, p.value) for p in history) == sorted(expected), key
-            run = tracker.client.get_run(journal.run_id())
+            run = tracker.client.get_run(json.loads((job / CHILD_FILE).read_text())["run_id"])
             assert run.info.status == "FINISHED" and Path(run.data.tags["densecl.job_dir"]).parent == sweep.sweep_dir
             losses[run.data.params["model.loss_lambda"]] = run.data.metrics["pretrain/loss"]
         assert sorted(losses) == sorted(sweep.lambdas) and len(set(losses.values())) == 2

@@ -21,6 +21,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ def serve(backend: str, folder: Path, workers: int) -> tuple[subprocess.Popen, s
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),  # noqa: SIM115
+        start_new_session=True,  # its workers and job consumers in its own process group, stopped with it
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -62,7 +64,7 @@ def serve(backend: str, folder: Path, workers: int) -> tuple[subprocess.Popen, s
             if server.poll() is not None:
                 raise SystemExit(f"mlflow server exited: see {folder / 'server.log'}") from None
             time.sleep(0.5)
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)
     raise SystemExit(f"mlflow server did not answer within 2 minutes: see {folder / 'server.log'}")
 
 
@@ -140,7 +142,7 @@ def main() -> None:
         print(f"tracking server: {rate:.0f} values/s; carries {rate / per_job:.0f} jobs at {per_job:.1f} values/s each")
     finally:
         if server is not None:
-            server.terminate()
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
         os.environ.pop("MLFLOW_TRACKING_URI", None)

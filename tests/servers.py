@@ -4,9 +4,11 @@ SLURM controller `.ci/slurm_up.sh` starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -92,7 +94,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri",
              self.backend, "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
-            env=env, stdout=log, stderr=log,
+            env=env, stdout=log, stderr=log, start_new_session=True,  # its workers in its own process group
         )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -107,13 +109,12 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not answer within {timeout_s} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """Down at once, as a crashed server or a lost network is: the whole process group killed (a graceful
+        stop waits seconds for the clients' open connections, and leaves the server's job consumers behind)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self.process = None
 
     def client_environment(self) -> dict[str, str]:
